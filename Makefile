@@ -1,0 +1,28 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up
+# everything they need (a virtualenv with the project and its tools, local services).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench services
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+services:
+	@scripts/ensure-services
+
+demo: $(BIN)/.installed services
+	$(BIN)/postroom demo
+
+test: $(BIN)/.installed services
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(BIN)/.installed services
+	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -1,0 +1,23 @@
+"""postroom: reliable event delivery for Python services.
+
+Write events in your own transaction with :func:`publish`; run ``postroom relay`` to
+send them to RabbitMQ; consume them idempotently with a :class:`Router`.
+"""
+
+from postroom.errors import PostroomError, Reject
+from postroom.events import Event
+from postroom.message import Message
+from postroom.outbox import Outbox, publish
+from postroom.settings import Settings
+from postroom.tables import metadata
+
+__all__ = [
+    "Event",
+    "Message",
+    "Outbox",
+    "PostroomError",
+    "Reject",
+    "Settings",
+    "metadata",
+    "publish",
+]

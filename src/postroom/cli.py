@@ -1,0 +1,72 @@
+"""The ``postroom`` command: migrate, relay, worker and the tools for people on call."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, NoReturn
+
+import typer
+
+from postroom.errors import ConfigError, PostroomError
+from postroom.settings import Settings
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="postroom: transactional outbox, relay and idempotent consumers.",
+)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print *message* to stderr and exit with *code*; for errors a person can fix."""
+    typer.secho(f"postroom: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def load_settings() -> Settings:
+    """Build settings from the environment, or exit 2 naming what is wrong."""
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def _configure_logs(settings: Settings) -> None:
+    from postroom import logs
+
+    logs.configure(settings.log_format, settings.log_level)
+
+
+@app.command()
+def migrate(
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Create or upgrade postroom's tables in their own schema (idempotent)."""
+    settings = load_settings()
+    _configure_logs(settings)
+    from postroom.migrate import upgrade
+
+    try:
+        upgrade(settings, revision)
+    except (OSError, PostroomError) as exc:
+        fail(f"migration failed: {exc}", 1)
+    typer.echo(f"postroom schema {settings.schema_name!r} is at {revision}")
+
+
+@app.command()
+def relay() -> None:
+    """Publish committed outbox rows to RabbitMQ until SIGTERM."""
+    settings = load_settings()
+    _configure_logs(settings)
+    from postroom.process import run_service
+    from postroom.relay import relay_forever
+
+    run_service(lambda stop: relay_forever(settings, stop))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,66 @@
+"""Every error postroom raises descends from :class:`PostroomError`.
+
+Each class carries a message template so callers and logs see the same wording.
+"""
+
+from __future__ import annotations
+
+
+class PostroomError(Exception):
+    """Root of postroom's errors: catch this to handle any of them."""
+
+
+class ConfigError(PostroomError):
+    """Settings are missing, malformed or unknown; raised at start-up, never later."""
+
+
+class NotInTransactionError(PostroomError):
+    """`publish()` was called on a session with no open transaction.
+
+    An outbox row written outside a transaction would be committed on its own,
+    breaking the promise that the event exists only if the caller's work commits.
+    """
+
+
+class MessageTooLargeError(PostroomError):
+    """An encoded body exceeds the configured limit; refused before commit."""
+
+    def __init__(self, size: int, limit: int, topic: str) -> None:
+        super().__init__(f"message body for topic {topic!r} is {size} bytes; the limit is {limit}")
+        self.size = size
+        self.limit = limit
+
+
+class EventDefinitionError(PostroomError):
+    """An event class is declared without a usable topic."""
+
+
+class DecodeError(PostroomError):
+    """A received message cannot be decoded into an event; it becomes a dead letter."""
+
+
+class UnknownTopicError(DecodeError):
+    """A received message has a topic its consumer does not handle."""
+
+
+class TopologyMismatchError(PostroomError):
+    """An existing queue or exchange was declared with different arguments."""
+
+    def __init__(self, kind: str, name: str, detail: str) -> None:
+        super().__init__(
+            f"{kind} {name!r} exists with different arguments ({detail}); "
+            "delete it or align the consumer's settings"
+        )
+        self.name = name
+
+
+class Reject(PostroomError):
+    """Raise from a handler to dead-letter the message at once, without retries."""
+
+
+class ShuttingDownError(PostroomError):
+    """The process is stopping; the message in hand must be requeued, not failed."""
+
+
+class InvalidMessageError(PostroomError):
+    """A message cannot be built as asked (reserved header names, bad values)."""

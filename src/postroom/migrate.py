@@ -1,0 +1,81 @@
+"""Run postroom's Alembic migrations from an installed package or a checkout."""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from postroom.errors import ConfigError
+from postroom.settings import Settings
+from postroom.tables import VERSION_TABLE
+
+
+def migrations_dir() -> Path:
+    """Find the migrations: inside the wheel (``postroom/migrations``) or the checkout."""
+    packaged = Path(str(resources.files("postroom"))) / "migrations"
+    if (packaged / "env.py").is_file():
+        return packaged
+    checkout = Path(__file__).resolve().parents[2] / "migrations"
+    if (checkout / "env.py").is_file():
+        return checkout
+    raise ConfigError("postroom's migrations are missing from this installation")
+
+
+def alembic_config(settings: Settings) -> Config:
+    """Return an Alembic config aimed at *settings*' database and schema."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.attributes["postroom_url"] = settings.database_url.get_secret_value()
+    config.attributes["postroom_schema"] = settings.schema_name
+    return config
+
+
+def upgrade(settings: Settings, revision: str = "head") -> None:
+    """Upgrade postroom's schema to *revision*; safe to run again (it is a no-op then)."""
+    command.upgrade(alembic_config(settings), revision)
+
+
+def head_revision() -> str | None:
+    """Return the newest revision this package ships."""
+    script = ScriptDirectory(str(migrations_dir()))
+    return script.get_current_head()
+
+
+async def current_revision(settings: Settings) -> str | None:
+    """Return the revision the database is at, or None if postroom was never migrated."""
+    engine = create_async_engine(settings.database_url.get_secret_value())
+    try:
+        async with engine.connect() as connection:
+            exists = await connection.scalar(
+                text("SELECT to_regclass(:name) IS NOT NULL"),
+                {"name": f'"{settings.schema_name}".{VERSION_TABLE}'},
+            )
+            if not exists:
+                return None
+
+            def _read(sync_connection: object) -> str | None:
+                context = MigrationContext.configure(
+                    sync_connection,  # type: ignore[arg-type]
+                    opts={
+                        "version_table": VERSION_TABLE,
+                        "version_table_schema": settings.schema_name,
+                    },
+                )
+                return context.get_current_revision()
+
+            return await connection.run_sync(_read)
+    finally:
+        await engine.dispose()
+
+
+def current_revision_sync(settings: Settings) -> str | None:
+    """Blocking form of :func:`current_revision`, for CLI checks."""
+    return asyncio.run(current_revision(settings))

@@ -1,0 +1,179 @@
+"""The write path: put a message in the outbox inside the caller's transaction.
+
+``publish`` never commits, flushes or rolls back: the caller owns the transaction, so
+the event exists exactly when the caller's own writes commit.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, literal, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from postroom.errors import InvalidMessageError, MessageTooLargeError, NotInTransactionError
+from postroom.events import Event, topic_of
+from postroom.message import HeaderValue, Message, uuid7
+from postroom.settings import Settings
+from postroom.tables import DEFAULT_SCHEMA, outbox, schema_map
+from postroom.tracing import new_traceparent
+
+DEFAULT_MAX_BODY_BYTES = 1_048_576
+_RESERVED_PREFIXES = ("x-", "postroom-", "cloudevents_", "cloudevents:", "ce-", "ce_")
+_NOTIFIED = "postroom.notified_transaction"
+
+
+def notify_channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel the relay of *schema* wakes on."""
+    return f"{schema}.outbox"
+
+
+@dataclass(frozen=True, slots=True)
+class Outbox:
+    """Where and how messages are written; the module-level :func:`publish` uses defaults."""
+
+    schema: str = DEFAULT_SCHEMA
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    notify: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Outbox:
+        return cls(
+            schema=settings.schema_name,
+            max_body_bytes=settings.max_body_bytes,
+            notify=settings.notify,
+        )
+
+    async def publish(
+        self,
+        session: AsyncSession,
+        event: Event,
+        *,
+        key: str | None = None,
+        delay: timedelta | None = None,
+        headers: Mapping[str, HeaderValue] | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        traceparent: str | None = None,
+    ) -> Message:
+        """Write *event* to the outbox in *session*'s open transaction and return its message.
+
+        Rows sharing *key* are relayed in commit order; *delay* holds the message back.
+        Raises NotInTransactionError (no transaction is open), MessageTooLargeError and
+        EventDefinitionError before anything is written.
+        """
+        topic = topic_of(event)
+        body = event.model_dump_json().encode()
+        message_id = uuid7()
+        message = Message(
+            message_id=message_id,
+            topic=topic,
+            body=body,
+            occurred_at=datetime.now(UTC),
+            key=key,
+            correlation_id=correlation_id or str(message_id),
+            causation_id=causation_id,
+            traceparent=traceparent or new_traceparent(),
+            extra_headers=_check_headers(headers),
+        )
+        await self.write(session, message, routing_key=topic, ordering_key=key, delay=delay)
+        return message
+
+    async def write(
+        self,
+        session: AsyncSession,
+        message: Message,
+        *,
+        routing_key: str,
+        exchange: str | None = None,
+        ordering_key: str | None = None,
+        delay: timedelta | None = None,
+    ) -> None:
+        """Insert one prepared message; `exchange=None` means the relay's events exchange.
+
+        Used by :meth:`publish`, by retries (default exchange, routing key = the failing
+        consumer's queue) and by replays. Raises like :meth:`publish`.
+        """
+        if not session.in_transaction():
+            raise NotInTransactionError(
+                "publish() needs an open transaction (`async with session.begin(): ...`) "
+                "so the event commits or rolls back with your own writes"
+            )
+        if len(message.body) > self.max_body_bytes:
+            raise MessageTooLargeError(len(message.body), self.max_body_bytes, message.topic)
+        connection = await session.connection()
+        sync = connection.sync_connection
+        if sync is not None and sync.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            raise NotInTransactionError(
+                "publish() refuses an AUTOCOMMIT connection: the row would commit on its own"
+            )
+        values: dict[str, Any] = {
+            "message_id": message.message_id,
+            "topic": message.topic,
+            "ordering_key": ordering_key,
+            "exchange": exchange,
+            "routing_key": routing_key,
+            "headers": message.amqp_headers(),
+            "body": message.body,
+            "content_type": message.content_type,
+            "correlation_id": message.correlation_id,
+            "occurred_at": message.occurred_at,
+        }
+        if delay is not None and delay > timedelta(0):
+            values["available_at"] = func.now() + literal(delay)
+        statement: Any = insert(outbox).values(values)
+        if self.notify and not _notified(session):
+            # One round trip: the INSERT rides in a CTE of the NOTIFY. One NOTIFY per
+            # transaction, because each one serialises commits on the notify queue.
+            statement = select(func.pg_notify(notify_channel(self.schema), "")).add_cte(
+                statement.cte("postroom_outbox_insert")
+            )
+        translate = {"schema_translate_map": schema_map(self.schema)}
+        await connection.execute(statement, execution_options=translate)
+
+
+def _notified(session: AsyncSession) -> bool:
+    """Return True if this transaction already sent its NOTIFY; mark it sent otherwise."""
+    transaction = session.sync_session.get_transaction()
+    if transaction is None:
+        return False
+    seen = session.info.get(_NOTIFIED)
+    if seen is not None and seen() is transaction:
+        return True
+    session.info[_NOTIFIED] = weakref.ref(transaction)
+    return False
+
+
+def _check_headers(headers: Mapping[str, HeaderValue] | None) -> dict[str, HeaderValue]:
+    checked: dict[str, HeaderValue] = {}
+    for name, value in (headers or {}).items():
+        if not isinstance(name, str) or name.lower().startswith(_RESERVED_PREFIXES):
+            raise InvalidMessageError(
+                f"header {name!r} is reserved (x-, postroom-, cloudEvents and ce- prefixes)"
+            )
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise InvalidMessageError(f"header {name!r} must be str, int, float, bool or None")
+        checked[name] = value
+    return checked
+
+
+_DEFAULT = Outbox()
+
+
+async def publish(
+    session: AsyncSession,
+    event: Event,
+    *,
+    key: str | None = None,
+    delay: timedelta | None = None,
+    headers: Mapping[str, HeaderValue] | None = None,
+) -> Message:
+    """Write *event* to the default outbox (schema ``postroom``) in *session*'s transaction.
+
+    See :meth:`Outbox.publish`; build an :class:`Outbox` for another schema or limit.
+    """
+    return await _DEFAULT.publish(session, event, key=key, delay=delay, headers=headers)

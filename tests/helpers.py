@@ -1,0 +1,134 @@
+"""Small helpers shared by the tests: run a relay, collect what reaches a queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractConnection
+
+from postroom.relay import Relay
+from postroom.settings import Settings
+from tests.conftest import postroom_cmd, settings_env
+
+
+@dataclass(frozen=True)
+class Received:
+    body: bytes
+    message_id: str | None
+    type: str | None
+    headers: dict[str, Any]
+    content_type: str | None
+    correlation_id: str | None
+    redelivered: bool
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def bind_queue(
+    amqp: AbstractConnection, exchange: str, topics: Sequence[str], name: str
+) -> str:
+    """Declare a durable queue bound to *topics* on the topic *exchange*; return its name."""
+    channel = await amqp.channel()
+    ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+    for topic in topics:
+        await queue.bind(ex, routing_key=topic)
+    await channel.close()
+    return name
+
+
+async def collect(
+    amqp_url: str, queue: str, *, count: int, timeout: float = 30.0, settle: float = 0.0
+) -> list[Received]:
+    """Take messages from *queue* until *count* arrived (and *settle* more seconds passed).
+
+    Uses its own connection, so it works across broker connection resets.
+    Fails with a readable message listing how many arrived if *timeout* passes.
+    """
+    got: list[Received] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    settle_until: float | None = None
+    while True:
+        try:
+            connection = await aio_pika.connect(amqp_url, timeout=5)
+        except Exception:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+            continue
+        try:
+            channel = await connection.channel()
+            q = await channel.get_queue(queue, ensure=False)
+            while True:
+                message = await q.get(no_ack=True, fail=False)
+                if message is None:
+                    now = loop.time()
+                    if len(got) >= count:
+                        settle_until = settle_until or now + settle
+                        if now >= settle_until:
+                            return got
+                    if now > deadline:
+                        raise AssertionError(
+                            f"{len(got)} of {count} messages arrived in {timeout}s"
+                        )
+                    await asyncio.sleep(0.05)
+                    continue
+                got.append(
+                    Received(
+                        body=message.body,
+                        message_id=message.message_id,
+                        type=message.type,
+                        headers=dict(message.headers or {}),
+                        content_type=message.content_type,
+                        correlation_id=message.correlation_id,
+                        redelivered=bool(message.redelivered),
+                    )
+                )
+        except aio_pika.exceptions.AMQPConnectionError:
+            await asyncio.sleep(0.2)
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def running_relay(settings: Settings) -> AsyncIterator[Relay]:
+    """Run a relay in this process for the duration of the block."""
+    relay = Relay(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        yield relay
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=15)
+
+
+def spawn(settings: Settings, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    """Start `postroom ARGS` as a real subprocess configured like *settings*."""
+    return subprocess.Popen(
+        postroom_cmd(*args),
+        env=settings_env(settings, **env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while process.poll() is None:
+        if loop.time() > deadline:
+            process.kill()
+            raise AssertionError("process did not exit in time")
+        await asyncio.sleep(0.05)
+    return process.returncode
