@@ -132,3 +132,41 @@ async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30.0) -> 
             raise AssertionError("process did not exit in time")
         await asyncio.sleep(0.05)
     return process.returncode
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, router: Any) -> AsyncIterator[Any]:
+    """Run a worker in this process for the duration of the block; wait until it consumes."""
+    from postroom.worker import Worker
+
+    worker = Worker(settings, router)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while not worker.ready:
+        if task.done():
+            task.result()
+        if loop.time() > deadline:
+            raise AssertionError("worker did not start consuming")
+        await asyncio.sleep(0.05)
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=settings.shutdown_timeout + 15)
+
+
+async def eventually(predicate: Any, *, timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Await *predicate()* (sync or async) until it returns something truthy."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
+        await asyncio.sleep(interval)

@@ -8,15 +8,18 @@ from postroom.errors import PostroomError, Reject
 from postroom.events import Event
 from postroom.message import Message
 from postroom.outbox import Outbox, publish
+from postroom.router import Context, Router
 from postroom.settings import Settings
 from postroom.tables import metadata
 
 __all__ = [
+    "Context",
     "Event",
     "Message",
     "Outbox",
     "PostroomError",
     "Reject",
+    "Router",
     "Settings",
     "metadata",
     "publish",

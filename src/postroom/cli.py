@@ -64,6 +64,26 @@ def relay() -> None:
     run_service(lambda stop: relay_forever(settings, stop))
 
 
+@app.command()
+def worker(
+    router: Annotated[
+        str, typer.Argument(help="Import path of a Router, e.g. billing.consumers:router.")
+    ],
+) -> None:
+    """Consume every consumer of ROUTER until SIGTERM, then drain gracefully."""
+    settings = load_settings()
+    _configure_logs(settings)
+    from postroom.loader import load_router
+    from postroom.process import run_service
+    from postroom.worker import work_forever
+
+    try:
+        loaded = load_router(router)
+    except PostroomError as exc:
+        fail(str(exc))
+    run_service(lambda stop: work_forever(settings, loaded, stop))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

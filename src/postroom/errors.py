@@ -64,3 +64,7 @@ class ShuttingDownError(PostroomError):
 
 class InvalidMessageError(PostroomError):
     """A message cannot be built as asked (reserved header names, bad values)."""
+
+
+class DeliveryLimitExceededError(PostroomError):
+    """The broker dead-lettered a message after repeated deliveries (workers crashed on it)."""

@@ -29,6 +29,7 @@ H_CAUSATION = "postroom-causation-id"
 H_FIRST_FAILED = "postroom-first-failed-at"
 H_REPLAYS = "postroom-replays"
 H_CONSUMER = "postroom-consumer"
+H_LAST_ERROR = "postroom-last-error"
 H_TRACEPARENT = "traceparent"
 CE_ID = "cloudEvents_id"
 CE_TYPE = "cloudEvents_type"
@@ -195,3 +196,61 @@ def _parse_time(value: Any) -> datetime | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message as received, before any decoding: what the worker hands to dispatch.
+
+    Broker-free on purpose, so the dispatch pipeline (and the testing helpers) run the
+    very same code without RabbitMQ.
+    """
+
+    body: bytes
+    message_id: str | None = None
+    type: str | None = None
+    timestamp: datetime | None = None
+    content_type: str | None = None
+    correlation_id: str | None = None
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    redelivered: bool = False
+
+    @classmethod
+    def of(cls, message: Message) -> Delivery:
+        """Return the delivery the broker would make of *message*."""
+        return cls(
+            body=message.body,
+            message_id=str(message.message_id),
+            type=message.topic,
+            timestamp=message.occurred_at,
+            content_type=message.content_type,
+            correlation_id=message.correlation_id,
+            headers=message.amqp_headers(),
+        )
+
+    def decode(self) -> Message:
+        """Decode the envelope strictly; raises :class:`DecodeError`."""
+        return decode_amqp(
+            body=self.body,
+            message_id=self.message_id,
+            type_=self.type,
+            timestamp=self.timestamp,
+            content_type=self.content_type,
+            correlation_id=self.correlation_id,
+            headers=self.headers,
+        )
+
+
+def json_safe(value: Any) -> Any:
+    """Convert AMQP header values (bytes, datetimes, nested tables) to JSON-storable ones."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return str(value)

@@ -26,6 +26,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 from postroom import faults, rabbit
+from postroom.outage import is_outage
 from postroom.outbox import notify_channel
 from postroom.settings import Settings, redact_url
 from postroom.tables import qualified
@@ -94,7 +95,7 @@ class Relay:
                     return
                 await self._loop(stop)
             except BaseException as exc:
-                if not _is_outage(exc):
+                if not is_outage(exc):
                     raise
                 self.stats.reconnects += 1
                 log.warning("relay.outage", error=_short(exc))
@@ -107,7 +108,7 @@ class Relay:
                 await asyncio.wait_for(stop.wait(), seconds)
 
         retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda exc: _is_outage(exc) and not stop.is_set()),
+            retry=retry_if_exception(lambda exc: is_outage(exc) and not stop.is_set()),
             wait=wait_random_exponential(multiplier=0.2, max=5.0),
             sleep=sleep,
             reraise=True,
@@ -321,25 +322,6 @@ def _claim_sql(outbox: str) -> str:
         f"AND NOT EXISTS (SELECT 1 FROM {outbox} AS e WHERE e.ordering_key = o.ordering_key "
         "AND e.id < o.id AND e.available_at > now()))"
         ") ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
-    )
-
-
-def _is_outage(exc: BaseException) -> bool:
-    """Errors that mean 'a dependency is away': back off and reconnect, never give up."""
-    return isinstance(
-        exc,
-        OSError
-        | ConnectionError
-        | asyncio.TimeoutError
-        | asyncpg.PostgresConnectionError
-        | asyncpg.InterfaceError
-        | asyncpg.exceptions.AdminShutdownError
-        | asyncpg.exceptions.CannotConnectNowError
-        | asyncpg.exceptions.ConnectionDoesNotExistError
-        | asyncpg.exceptions.QueryCanceledError
-        | asyncpg.exceptions.SerializationError
-        | asyncpg.exceptions.DeadlockDetectedError
-        | rabbit.BrokerError,
     )
 
 

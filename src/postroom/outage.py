@@ -1,0 +1,39 @@
+"""Which errors mean "a dependency is away": back off and reconnect, never give up.
+
+Everything else (a missing table, bad credentials, a topology mismatch) is a fault a
+person must fix, and crashes the process with a clear message instead of looping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError as SAInterfaceError
+
+from postroom.rabbit import BrokerError
+
+_AWAY: tuple[type[BaseException], ...] = (
+    OSError,
+    ConnectionError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    OperationalError,
+    SAInterfaceError,
+    BrokerError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Return True if *exc* means the database or the broker is unreachable for now."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, _AWAY)

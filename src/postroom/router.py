@@ -1,0 +1,160 @@
+"""Consumers: a name, the event type it handles, a handler and its retry policy.
+
+Names are identities: they name the queue, the inbox key and the dead letters, so
+they are explicit strings, never derived from function names.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from postroom.errors import PostroomError
+from postroom.events import Event, topic_of
+from postroom.message import HeaderValue, Message
+from postroom.tracing import child_traceparent
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from postroom.outbox import Outbox
+
+E = TypeVar("E", bound=Event)
+Handler = Callable[[E, "Context"], Awaitable[None]]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,200}$")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how patiently a failing message is retried before it is dead.
+
+    The delay before attempt n+1 is ``min(cap, base * 2**(n-1))``, half of it fixed and
+    half random ("equal jitter"), so a burst of failures does not retry in lockstep.
+    """
+
+    max_attempts: int = 5
+    base: timedelta = timedelta(seconds=1)
+    cap: timedelta = timedelta(minutes=5)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise PostroomError("max_attempts must be at least 1")
+        if self.base <= timedelta(0) or self.cap < self.base:
+            raise PostroomError("backoff needs 0 < base <= cap")
+
+    def delay(self, attempt: int) -> timedelta:
+        """Return the delay before the attempt after *attempt* (1-based)."""
+        factor: int = 1 << min(attempt - 1, 30)
+        full = min(self.cap, self.base * factor)
+        return full / 2 + full / 2 * random.random()
+
+
+@dataclass(frozen=True, slots=True)
+class Consumer(Generic[E]):
+    """One registration: what a worker subscribes to and how it handles it."""
+
+    name: str
+    event_type: type[E]
+    handler: Handler[E]
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    ordered: bool = False
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return (topic_of(self.event_type),)
+
+
+class Router:
+    """A set of consumers, declared with :meth:`consumer` and run by ``postroom worker``."""
+
+    def __init__(self) -> None:
+        self._consumers: dict[str, Consumer[Any]] = {}
+
+    def consumer(
+        self,
+        name: str,
+        event_type: type[E],
+        *,
+        max_attempts: int = 5,
+        backoff: timedelta = timedelta(seconds=1),
+        backoff_cap: timedelta = timedelta(minutes=5),
+        ordered: bool = False,
+    ) -> Callable[[Handler[E]], Handler[E]]:
+        """Register the decorated coroutine as consumer *name* of *event_type*.
+
+        *ordered* consumers get a single-active-consumer queue and handle messages of one
+        ordering key one at a time, in queue order (a retry still steps out of line).
+        """
+        if not _NAME.match(name):
+            raise PostroomError(f"consumer name {name!r} must match {_NAME.pattern}")
+        if name in self._consumers:
+            raise PostroomError(f"consumer {name!r} is registered twice")
+        topic_of(event_type)  # fail at import time, not at the first message
+        policy = RetryPolicy(max_attempts=max_attempts, base=backoff, cap=backoff_cap)
+
+        def register(handler: Handler[E]) -> Handler[E]:
+            self._consumers[name] = Consumer(name, event_type, handler, policy, ordered)
+            return handler
+
+        return register
+
+    def include(self, other: Router) -> None:
+        """Add every consumer of *other* (for routers split across modules)."""
+        for consumer in other:
+            if consumer.name in self._consumers:
+                raise PostroomError(f"consumer {consumer.name!r} is registered twice")
+            self._consumers[consumer.name] = consumer
+
+    def __iter__(self) -> Iterator[Consumer[Any]]:
+        return iter(self._consumers.values())
+
+    def __len__(self) -> int:
+        return len(self._consumers)
+
+    def __getitem__(self, name: str) -> Consumer[Any]:
+        return self._consumers[name]
+
+
+@dataclass(slots=True)
+class Context:
+    """What a handler gets besides its event: the transaction and the message's facts.
+
+    Everything written through :attr:`session` and :meth:`publish` commits together with
+    the inbox row, or not at all.
+    """
+
+    session: AsyncSession
+    message: Message
+    consumer: str
+    outbox: Outbox
+
+    @property
+    def attempt(self) -> int:
+        """1 on first delivery, then 2, 3, ... on retries."""
+        return self.message.attempt
+
+    async def publish(
+        self,
+        event: Event,
+        *,
+        key: str | None = None,
+        delay: timedelta | None = None,
+        headers: Mapping[str, HeaderValue] | None = None,
+    ) -> Message:
+        """Publish a follow-up event in the handler's transaction, chaining causation."""
+        incoming = self.message
+        return await self.outbox.publish(
+            self.session,
+            event,
+            key=key,
+            delay=delay,
+            headers=headers,
+            correlation_id=incoming.correlation_id or str(incoming.message_id),
+            causation_id=str(incoming.message_id),
+            traceparent=child_traceparent(incoming.traceparent),
+        )

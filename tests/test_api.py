@@ -1,0 +1,20 @@
+"""The public surface: small, complete, and cheap to import in a web process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import postroom
+
+
+def test_all_names_exist_and_are_public():
+    assert sorted(postroom.__all__) == sorted(set(postroom.__all__))
+    for name in postroom.__all__:
+        assert hasattr(postroom, name), name
+
+
+def test_importing_postroom_does_not_load_the_broker_client():
+    code = "import sys, postroom; print(any(m.split('.')[0] in ('aio_pika', 'aiormq') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

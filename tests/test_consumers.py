@@ -1,0 +1,351 @@
+"""Consumers against real PostgreSQL and RabbitMQ: inbox, retries, dead letters, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+import uuid
+from typing import Any
+
+import aio_pika
+import pytest
+from sqlalchemy import text
+
+from postroom import Outbox
+from postroom.dispatch import Outcome, Pipeline, dispatch
+from postroom.faults import WORKER_AFTER_COMMIT, WORKER_IN_HANDLER
+from postroom.message import Delivery, Message, uuid7
+from postroom.settings import Settings
+from postroom.tracing import trace_id
+from tests.apps.billing import EFFECTS_DDL, Charge, Charged, router
+from tests.helpers import (
+    bind_queue,
+    collect,
+    eventually,
+    running_relay,
+    running_worker,
+    spawn,
+    wait_exit,
+)
+
+
+@pytest.fixture
+async def app(settings: Settings, sessions, amqp):
+    """Settings plus the test app's effects table; its queues are deleted afterwards."""
+    async with sessions() as session, session.begin():
+        await session.execute(text(EFFECTS_DDL.format(schema=settings.schema_name)))
+    yield settings.model_copy(update={"worker_concurrency": 8, "shutdown_timeout": 5.0})
+    await delete_queues(amqp, router)
+
+
+async def delete_queues(amqp, app_router) -> None:
+    """Consumer names are fixed by the app, so each test removes the queues it made."""
+    channel = await amqp.channel()
+    for consumer in app_router:
+        for name in (consumer.name, f"{consumer.name}.dead"):
+            await channel.queue_delete(name)
+    await channel.close()
+
+
+@pytest.fixture
+def pipeline(app: Settings, sessions) -> Pipeline:
+    return Pipeline(
+        sessions=sessions, outbox=Outbox.from_settings(app), max_body_bytes=app.max_body_bytes
+    )
+
+
+async def effects(sessions, settings: Settings, consumer: str) -> list[Any]:
+    async with sessions() as session:
+        result = await session.execute(
+            text(
+                f'SELECT message_id, event_id, attempt, at FROM "{settings.schema_name}".effects '
+                "WHERE consumer = :c ORDER BY at"
+            ),
+            {"c": consumer},
+        )
+        return list(result.all())
+
+
+async def dead_letters(sessions, settings: Settings) -> list[Any]:
+    async with sessions() as session:
+        result = await session.execute(
+            text(f'SELECT * FROM "{settings.schema_name}".dead_letters ORDER BY id')
+        )
+        return list(result.mappings().all())
+
+
+async def publish(sessions, settings: Settings, *events: Charge) -> list[Message]:
+    box = Outbox.from_settings(settings)
+    async with sessions() as session, session.begin():
+        return [await box.publish(session, event) for event in events]
+
+
+def delivery_of(event: Charge) -> Delivery:
+    from datetime import UTC, datetime
+
+    message = Message(
+        message_id=uuid7(),
+        topic=Charge.topic,
+        body=event.model_dump_json().encode(),
+        occurred_at=datetime.now(UTC),
+        correlation_id="corr-1",
+    )
+    return Delivery.of(message)
+
+
+async def test_same_message_twice_has_one_effect(app, sessions, pipeline):
+    delivery = delivery_of(Charge(id=1))
+    first = await dispatch(delivery, router["billing.charge"], pipeline)
+    second = await dispatch(delivery, router["billing.charge"], pipeline)
+    assert (first.outcome, second.outcome) == (Outcome.ACKED, Outcome.DUPLICATE)
+    # Twice at once, as two workers would: the inbox key makes one wait for the other.
+    other = delivery_of(Charge(id=2, mode="slow", sleep=0.3))
+    results = await asyncio.gather(
+        dispatch(other, router["billing.charge"], pipeline),
+        dispatch(other, router["billing.charge"], pipeline),
+    )
+    assert sorted(r.outcome for r in results) == [Outcome.ACKED, Outcome.DUPLICATE]
+    rows = await effects(sessions, app, "billing.charge")
+    assert sorted(r.event_id for r in rows) == [1, 2]
+
+
+async def test_duplicates_through_the_broker_have_one_effect(app, sessions, amqp):
+    [message] = await publish(sessions, app, Charge(id=5))
+    async with running_worker(app, router) as worker, running_relay(app):
+        await eventually(lambda: worker.stats.outcomes.get("acked", 0) >= 2)
+        # The same message again, straight to the consumer's queue, as a redelivery would be.
+        channel = await amqp.channel()
+        raw = Delivery.of(message)
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                raw.body,
+                message_id=raw.message_id,
+                type=raw.type,
+                content_type=raw.content_type,
+                headers=dict(raw.headers),
+            ),
+            routing_key="billing.charge",
+        )
+        await eventually(lambda: worker.stats.outcomes.get("duplicate", 0) >= 1)
+    assert len(await effects(sessions, app, "billing.charge")) == 1
+    assert len(await effects(sessions, app, "billing.audit")) == 1
+
+
+async def test_fails_twice_then_succeeds_on_attempt_three(app, sessions):
+    attempts: list[tuple[int, float]] = []
+    original = router["billing.charge"].handler
+    loop = asyncio.get_running_loop()
+
+    async def watched(event, ctx):
+        attempts.append((ctx.attempt, loop.time()))
+        await original(event, ctx)
+
+    test_router = _router_with(charge=watched)
+    await publish(sessions, app, Charge(id=1, mode="fail_until", n=3))
+    async with running_worker(app, test_router) as worker, running_relay(app):
+        await eventually(lambda: worker.stats.outcomes.get("acked", 0) >= 2)
+    assert [a for a, _ in attempts] == [1, 2, 3]
+    gaps = [b - a for (_, a), (_, b) in itertools.pairwise(attempts)]
+    # Backoff base 0.2 s with equal jitter: at least 0.1 s, then at least 0.2 s.
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2, gaps
+    [applied] = await effects(sessions, app, "billing.charge")
+    assert applied.attempt == 3
+    # The other consumer of the topic saw the message once, never the retries.
+    assert [r.attempt for r in await effects(sessions, app, "billing.audit")] == [1]
+    assert worker.stats.outcomes == {"acked": 2, "retry": 2}
+
+
+async def test_always_failing_message_is_dead_after_max_attempts_others_flow(app, sessions):
+    await publish(sessions, app, Charge(id=1, mode="always"))
+    async with running_worker(app, router) as worker, running_relay(app):
+        await eventually(lambda: worker.stats.outcomes.get("retry", 0) >= 1)
+        await publish(sessions, app, *[Charge(id=i) for i in range(10, 20)])
+        # The healthy messages are done while the poison one is still waiting to retry.
+        await eventually(lambda: worker.stats.outcomes.get("acked", 0) >= 21)
+        assert worker.stats.outcomes.get("dead", 0) == 0
+        await eventually(lambda: worker.stats.outcomes.get("dead", 0) == 1)
+    [letter] = await dead_letters(sessions, app)
+    assert letter["consumer"] == "billing.charge" and letter["reason"] == "exhausted"
+    assert letter["error_type"] == "TimeoutError"
+    assert letter["error_message"] == "the payment provider timed out"
+    assert letter["attempts"] == 3 and "Traceback" in letter["traceback"]
+    assert letter["first_failed_at"] < letter["last_failed_at"]
+    assert letter["topic"] == "billing.charge" and json.loads(letter["body"])["id"] == 1
+    assert letter["headers"]["postroom-attempt"] == 3
+    assert sorted(r.event_id for r in await effects(sessions, app, "billing.charge")) == list(
+        range(10, 20)
+    )
+
+
+async def test_reject_and_malformed_messages_are_dead_at_once(app, sessions, amqp):
+    await publish(sessions, app, Charge(id=1, mode="reject"))
+    good_id = str(uuid.uuid4())
+    raw = [
+        aio_pika.Message(
+            b"{not json",
+            message_id=str(uuid.uuid4()),
+            type="billing.charge",
+            content_type="application/json",
+        ),
+        aio_pika.Message(
+            b'{"id": 1}',
+            message_id=str(uuid.uuid4()),
+            type="billing.charge",
+            content_type="text/plain",
+        ),
+        aio_pika.Message(
+            b'{"id": 1}',
+            message_id=str(uuid.uuid4()),
+            type="billing.unknown",
+            content_type="application/json",
+        ),
+        aio_pika.Message(
+            b'{"id": 1}', message_id=str(uuid.uuid4()), content_type="application/json"
+        ),
+        aio_pika.Message(
+            b'{"id": "x"}',
+            message_id=str(uuid.uuid4()),
+            type="billing.charge",
+            content_type="application/json",
+        ),
+        aio_pika.Message(
+            b'{"id": 1}',
+            message_id="not-a-uuid",
+            type="billing.charge",
+            content_type="application/json",
+        ),
+        aio_pika.Message(
+            b" " * 3000,
+            message_id=str(uuid.uuid4()),
+            type="billing.charge",
+            content_type="application/json",
+        ),
+        aio_pika.Message(
+            b'{"id": 7}', message_id=good_id, type="billing.charge", content_type="application/json"
+        ),
+    ]
+    small = app.model_copy(update={"max_body_bytes": 2048})
+    async with running_worker(small, router) as worker, running_relay(small):
+        channel = await amqp.channel()
+        for message in raw:
+            await channel.default_exchange.publish(message, routing_key="billing.charge")
+        await eventually(lambda: worker.stats.outcomes.get("dead", 0) >= 8)
+        await eventually(lambda: worker.stats.outcomes.get("acked", 0) >= 2)
+        assert worker.ready
+    letters = await dead_letters(sessions, app)
+    reasons = sorted(letter["reason"] for letter in letters)
+    assert reasons == sorted(
+        [
+            "rejected",
+            "undecodable",
+            "undecodable",
+            "unknown_topic",
+            "undecodable",
+            "undecodable",
+            "undecodable",
+            "too_large",
+        ]
+    )
+    rejected = next(letter for letter in letters if letter["reason"] == "rejected")
+    assert rejected["attempts"] == 1 and rejected["error_message"] == "card number is invalid"
+    assert all(letter["body"] is not None for letter in letters)
+    by_text = {letter["error_message"] for letter in letters}
+    assert any("not a UUID" in t for t in by_text)
+    assert any("content type 'text/plain'" in t for t in by_text)
+    assert any("no type property" in t for t in by_text)
+    assert any("payload does not match Charge" in t for t in by_text)
+    assert any("limit is 2048" in t for t in by_text)
+    assert [r.event_id for r in await effects(sessions, app, "billing.charge")] == [7]
+
+
+async def test_worker_killed_in_handler_or_after_commit_applies_once(app, sessions):
+    [in_handler] = await publish(sessions, app, Charge(id=1))
+    async with running_relay(app):
+        crashing = spawn(
+            app, "worker", "tests.apps.billing:router", POSTROOM_CRASH_AT=WORKER_IN_HANDLER
+        )
+        assert await wait_exit(crashing) == -signal.SIGKILL
+        assert await effects(sessions, app, "billing.charge") == []  # rolled back
+        crashing = spawn(
+            app, "worker", "tests.apps.billing:router", POSTROOM_CRASH_AT=WORKER_AFTER_COMMIT
+        )
+        assert await wait_exit(crashing) == -signal.SIGKILL
+        committed = len(await effects(sessions, app, "billing.charge")) + len(
+            await effects(sessions, app, "billing.audit")
+        )
+        assert committed == 1  # one handler committed, then the process died before its ack
+        async with running_worker(app, router) as worker:
+            await eventually(lambda: sum(worker.stats.outcomes.values()) >= 2)
+            assert worker.stats.outcomes.get("duplicate", 0) == 1
+    assert [r.message_id for r in await effects(sessions, app, "billing.charge")] == [
+        in_handler.message_id
+    ]
+    assert [r.message_id for r in await effects(sessions, app, "billing.audit")] == [
+        in_handler.message_id
+    ]
+
+
+async def test_message_that_kills_every_worker_reaches_dead_letters(app, sessions):
+    limited = app.model_copy(update={"delivery_limit": 2})
+    await publish(sessions, limited, Charge(id=1, mode="crash"))
+    async with running_relay(limited):
+        for _ in range(6):
+            process = spawn(limited, "worker", "tests.apps.billing:router")
+            try:
+                letters = await eventually(
+                    lambda p=process: _dead_or_exited(sessions, limited, p), timeout=30
+                )
+            finally:
+                if process.poll() is None:
+                    process.terminate()
+                    await wait_exit(process)
+            if letters is not True:
+                break
+        else:
+            raise AssertionError("the broker never dead-lettered the message")
+    [letter] = await dead_letters(sessions, limited)
+    assert letter["consumer"] == "billing.charge" and letter["reason"] == "delivery_limit"
+    assert "deliveries" in letter["error_message"]
+    assert await effects(sessions, limited, "billing.charge") == []
+    assert len(await effects(sessions, limited, "billing.audit")) == 1
+
+
+async def _dead_or_exited(sessions, settings, process):
+    letters = await dead_letters(sessions, settings)
+    if letters:
+        return letters
+    return process.poll() is not None  # True: crashed, start another one
+
+
+async def test_follow_up_event_commits_with_the_handler_and_carries_causation(
+    app, sessions, amqp, names
+):
+    queue = await bind_queue(amqp, app.exchange, ["billing.charged"], f"charged.{names}")
+    [incoming] = await publish(sessions, app, Charge(id=3, mode="follow_up"))
+    async with running_worker(app, router), running_relay(app):
+        [follow_up] = await collect(app.amqp_url.get_secret_value(), queue, count=1)
+    assert follow_up.json() == {"id": 3}
+    assert follow_up.type == Charged.topic
+    assert follow_up.headers["postroom-causation-id"] == str(incoming.message_id)
+    assert follow_up.correlation_id == incoming.correlation_id
+    assert follow_up.headers["postroom-key"] == "charge-3"
+    assert trace_id(follow_up.headers["traceparent"]) == trace_id(incoming.traceparent)
+    assert follow_up.headers["traceparent"] != incoming.traceparent  # a child span
+
+
+def _router_with(**handlers: Any):
+    import postroom
+
+    replaced = postroom.Router()
+    for consumer in router:
+        override = handlers.get(consumer.name.split(".")[-1])
+        replaced.consumer(
+            consumer.name,
+            consumer.event_type,
+            max_attempts=consumer.retry.max_attempts,
+            backoff=consumer.retry.base,
+            backoff_cap=consumer.retry.cap,
+        )(override or consumer.handler)
+    return replaced
