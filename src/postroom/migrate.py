@@ -43,6 +43,22 @@ def upgrade(settings: Settings, revision: str = "head") -> None:
     command.upgrade(alembic_config(settings), revision)
 
 
+async def upgrade_async(settings: Settings, revision: str = "head") -> None:
+    """Like :func:`upgrade`, for code already running in an event loop (app start-up)."""
+    engine = create_async_engine(settings.database_url.get_secret_value())
+    try:
+        async with engine.begin() as connection:
+
+            def run(sync_connection: object) -> None:
+                config = alembic_config(settings)
+                config.attributes["connection"] = sync_connection
+                command.upgrade(config, revision)
+
+            await connection.run_sync(run)
+    finally:
+        await engine.dispose()
+
+
 def head_revision() -> str | None:
     """Return the newest revision this package ships."""
     script = ScriptDirectory(str(migrations_dir()))
