@@ -305,11 +305,16 @@ async def test_message_that_kills_every_worker_reaches_dead_letters(app, session
                 break
         else:
             raise AssertionError("the broker never dead-lettered the message")
-    [letter] = await dead_letters(sessions, limited)
-    assert letter["consumer"] == "billing.charge" and letter["reason"] == "delivery_limit"
+    letters = await dead_letters(sessions, limited)
+    [letter] = [x for x in letters if x["consumer"] == "billing.charge"]
+    assert letter["reason"] == "delivery_limit"
     assert "deliveries" in letter["error_message"]
     assert await effects(sessions, limited, "billing.charge") == []
-    assert len(await effects(sessions, limited, "billing.audit")) == 1
+    # The crashes also cost the other consumer's in-flight copy its deliveries: it is
+    # either applied exactly once or, as collateral, dead-lettered too; never both.
+    audit_letters = [x for x in letters if x["consumer"] == "billing.audit"]
+    applied = len(await effects(sessions, limited, "billing.audit"))
+    assert (applied, len(audit_letters)) in ((1, 0), (0, 1))
 
 
 async def _dead_or_exited(sessions, settings, process):
@@ -349,3 +354,60 @@ def _router_with(**handlers: Any):
             backoff_cap=consumer.retry.cap,
         )(override or consumer.handler)
     return replaced
+
+
+async def test_batch_dispatch_isolates_each_message_in_its_savepoint(app, sessions, pipeline):
+    from postroom.dispatch import dispatch_batch
+
+    ok = delivery_of(Charge(id=1))
+    deliveries = [
+        ok,
+        delivery_of(Charge(id=2, mode="reject")),
+        delivery_of(Charge(id=3, mode="fail_until", n=2)),
+        Delivery(
+            body=b"{broken",
+            message_id=str(uuid.uuid4()),
+            type="billing.charge",
+            content_type="application/json",
+        ),
+        ok,  # the same message again inside the batch
+        delivery_of(Charge(id=4)),
+    ]
+    results = await dispatch_batch(deliveries, router["billing.charge"], pipeline)
+    assert [r.outcome for r in results] == [
+        Outcome.ACKED,
+        Outcome.DEAD,
+        Outcome.RETRY,
+        Outcome.DEAD,
+        Outcome.DUPLICATE,
+        Outcome.ACKED,
+    ]
+    # Failed handlers' writes were rolled back to their savepoints; the rest committed once.
+    assert sorted(r.event_id for r in await effects(sessions, app, "billing.charge")) == [1, 4]
+    assert sorted(letter["reason"] for letter in await dead_letters(sessions, app)) == [
+        "rejected",
+        "undecodable",
+    ]
+    async with sessions() as session:
+        retries = (
+            await session.execute(
+                text(f'SELECT routing_key, exchange FROM "{app.schema_name}".outbox')
+            )
+        ).all()
+    assert retries == [("billing.charge", "")]
+
+
+async def test_worker_in_batch_mode_applies_each_message_once(app, sessions):
+    batched = app.model_copy(update={"worker_batch_size": 25, "worker_batch_wait": 0.01})
+    await publish(
+        sessions,
+        batched,
+        *[Charge(id=i) for i in range(100)],
+        Charge(id=1000, mode="fail_until", n=2),
+    )
+    async with running_worker(batched, router) as worker, running_relay(batched):
+        await eventually(lambda: worker.stats.outcomes.get("acked", 0) >= 202)
+    assert worker.stats.outcomes == {"acked": 202, "retry": 1}
+    charged = [r.event_id for r in await effects(sessions, app, "billing.charge")]
+    assert sorted(charged) == [*range(100), 1000]
+    assert len(await effects(sessions, app, "billing.audit")) == 101

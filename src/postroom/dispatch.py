@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from postroom import deadletters, faults, inbox
 from postroom.deadletters import DeadLetter, DeadReason
 from postroom.errors import DecodeError, DeliveryLimitExceededError, Reject, UnknownTopicError
+from postroom.events import Event
 from postroom.message import (
     H_CONSUMER,
     H_FIRST_FAILED,
@@ -80,6 +82,22 @@ class Pipeline:
         return self.outbox.schema
 
 
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A failed delivery's outcome, to be written in some transaction: a retry or a letter."""
+
+    result: Result
+    letter: DeadLetter | None = None
+    retry: Message | None = None
+    delay: timedelta | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    message: Message
+    event: Event
+
+
 async def dispatch(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeline) -> Result:
     """Run *delivery* through *consumer*'s pipeline and return the outcome.
 
@@ -88,57 +106,107 @@ async def dispatch(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeli
     no outcome could be recorded; then nothing was committed and the message must be
     requeued.
     """
+    decoded = _decode(delivery, consumer, pipeline)
+    if isinstance(decoded, _Failure):
+        return await _settle_alone(decoded, consumer, pipeline)
+    message = decoded.message
+    try:
+        async with pipeline.sessions() as session, session.begin():
+            if not await _claim(session, message, consumer, pipeline):
+                return _result(Outcome.DUPLICATE, message)
+            await _run_handler(session, decoded, consumer, pipeline)
+    except Exception as exc:
+        return await _settle_alone(_failure(message, consumer, exc), consumer, pipeline)
+    return _result(Outcome.ACKED, message)
+
+
+async def dispatch_batch(
+    deliveries: Sequence[Delivery], consumer: Consumer[Any], pipeline: Pipeline
+) -> list[Result]:
+    """Run several deliveries in ONE transaction, each handler in its own SAVEPOINT.
+
+    Same guarantees as :func:`dispatch`, one commit for the lot: a failing handler rolls
+    back to its savepoint and its retry or dead letter is written in the same
+    transaction, so one poison message does not spoil the batch. Raises (nothing
+    committed, requeue them all) only when the transaction itself fails.
+    """
+    results: list[Result] = []
+    failures: list[_Failure] = []
+    async with pipeline.sessions() as session, session.begin():
+        for delivery in deliveries:
+            decoded = _decode(delivery, consumer, pipeline)
+            if isinstance(decoded, _Decoded):
+                message = decoded.message
+                try:
+                    async with session.begin_nested():
+                        fresh = await _claim(session, message, consumer, pipeline)
+                        if fresh:
+                            await _run_handler(session, decoded, consumer, pipeline)
+                except Exception as exc:
+                    decoded = _failure(message, consumer, exc)
+                else:
+                    outcome = Outcome.ACKED if fresh else Outcome.DUPLICATE
+                    results.append(_result(outcome, message))
+                    continue
+            await _write(session, decoded, consumer, pipeline)
+            failures.append(decoded)
+            results.append(decoded.result)
+    for failure in failures:
+        _log_failure(failure, consumer)
+    return results
+
+
+def _decode(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeline) -> _Decoded | _Failure:
+    """Check size, envelope, topic and payload; no I/O, so it runs before any transaction."""
     if len(delivery.body) > pipeline.max_body_bytes:
         error = DecodeError(
             f"body is {len(delivery.body)} bytes; the limit is {pipeline.max_body_bytes}"
         )
-        return await _dead_undecoded(delivery, consumer, pipeline, DeadReason.TOO_LARGE, error)
+        return _undecoded(delivery, consumer, DeadReason.TOO_LARGE, error)
     try:
         message = delivery.decode()
     except DecodeError as exc:
-        return await _dead_undecoded(delivery, consumer, pipeline, DeadReason.UNDECODABLE, exc)
+        return _undecoded(delivery, consumer, DeadReason.UNDECODABLE, exc)
     if message.topic not in consumer.topics:
         handled = ", ".join(consumer.topics)
         error = UnknownTopicError(
             f"consumer {consumer.name!r} handles {handled}, not {message.topic!r}"
         )
-        return await _dead(message, consumer, pipeline, DeadReason.UNKNOWN_TOPIC, error)
+        return _dead(message, consumer, DeadReason.UNKNOWN_TOPIC, error)
     try:
         event = consumer.event_type.model_validate_json(message.body)
     except ValidationError as exc:
         error = DecodeError(
             f"payload does not match {consumer.event_type.__name__}: {_summary(exc)}"
         )
-        return await _dead(message, consumer, pipeline, DeadReason.UNDECODABLE, error)
-
-    try:
-        async with pipeline.sessions() as session, session.begin():
-            fresh = await inbox.claim(
-                session,
-                schema=pipeline.schema,
-                consumer=consumer.name,
-                message_id=message.message_id,
-            )
-            if not fresh:
-                return _result(Outcome.DUPLICATE, message)
-            context = Context(
-                session=session, message=message, consumer=consumer.name, outbox=pipeline.outbox
-            )
-            faults.crash_point(pipeline.crash_at, faults.WORKER_IN_HANDLER)
-            await consumer.handler(event, context)
-    except Reject as exc:
-        return await _dead(message, consumer, pipeline, DeadReason.REJECTED, exc)
-    except Exception as exc:
-        if message.attempt >= consumer.retry.max_attempts:
-            return await _dead(message, consumer, pipeline, DeadReason.EXHAUSTED, exc)
-        return await _retry(message, consumer, pipeline, exc)
-    return _result(Outcome.ACKED, message)
+        return _dead(message, consumer, DeadReason.UNDECODABLE, error)
+    return _Decoded(message, event)
 
 
-async def _retry(
-    message: Message, consumer: Consumer[Any], pipeline: Pipeline, exc: Exception
-) -> Result:
-    delay = consumer.retry.delay(message.attempt)
+async def _claim(
+    session: AsyncSession, message: Message, consumer: Consumer[Any], pipeline: Pipeline
+) -> bool:
+    return await inbox.claim(
+        session, schema=pipeline.schema, consumer=consumer.name, message_id=message.message_id
+    )
+
+
+async def _run_handler(
+    session: AsyncSession, decoded: _Decoded, consumer: Consumer[Any], pipeline: Pipeline
+) -> None:
+    context = Context(
+        session=session, message=decoded.message, consumer=consumer.name, outbox=pipeline.outbox
+    )
+    faults.crash_point(pipeline.crash_at, faults.WORKER_IN_HANDLER)
+    await consumer.handler(decoded.event, context)
+
+
+def _failure(message: Message, consumer: Consumer[Any], exc: Exception) -> _Failure:
+    """Decide what a handler's exception means: dead now, dead at last, or retry later."""
+    if isinstance(exc, Reject):
+        return _dead(message, consumer, DeadReason.REJECTED, exc)
+    if message.attempt >= consumer.retry.max_attempts:
+        return _dead(message, consumer, DeadReason.EXHAUSTED, exc)
     error_type, error_message, _ = deadletters.describe(exc)
     first_failed = message.extra_headers.get(H_FIRST_FAILED) or datetime.now(UTC).isoformat()
     retry = message.next_attempt(
@@ -148,32 +216,18 @@ async def _retry(
             H_LAST_ERROR: f"{error_type}: {error_message}"[:500],
         }
     )
-    async with pipeline.sessions() as session, session.begin():
-        await pipeline.outbox.write(
-            session, retry, exchange=DEFAULT_EXCHANGE, routing_key=consumer.name, delay=delay
-        )
-    log.info(
-        "message.retry_scheduled",
-        message_id=str(message.message_id),
-        consumer=consumer.name,
-        topic=message.topic,
-        attempt=message.attempt,
-        retry_in_seconds=round(delay.total_seconds(), 3),
-        error_type=error_type,
+    return _Failure(
+        result=_result(Outcome.RETRY, message, error=f"{error_type}: {error_message}"),
+        retry=retry,
+        delay=consumer.retry.delay(message.attempt),
     )
-    return _result(Outcome.RETRY, message, error=f"{error_type}: {error_message}")
 
 
-async def _dead(
-    message: Message,
-    consumer: Consumer[Any],
-    pipeline: Pipeline,
-    reason: DeadReason,
-    exc: BaseException,
-) -> Result:
+def _dead(
+    message: Message, consumer: Consumer[Any], reason: DeadReason, exc: BaseException
+) -> _Failure:
     error_type, error_message, trace = deadletters.describe(exc)
     now = datetime.now(UTC)
-    first = _parse_time(message.extra_headers.get(H_FIRST_FAILED)) or now
     letter = DeadLetter(
         consumer=consumer.name,
         message_id=str(message.message_id),
@@ -183,24 +237,20 @@ async def _dead(
         error_message=error_message,
         traceback=trace,
         attempts=message.attempt,
-        first_failed_at=first,
+        first_failed_at=_parse_time(message.extra_headers.get(H_FIRST_FAILED)) or now,
         last_failed_at=now,
         headers=json_safe(message.amqp_headers()),
         body=message.body,
         content_type=message.content_type,
         correlation_id=message.correlation_id,
     )
-    await _record(letter, pipeline)
-    return _result(Outcome.DEAD, message, reason=reason, error=f"{error_type}: {error_message}")
+    result = _result(Outcome.DEAD, message, reason=reason, error=f"{error_type}: {error_message}")
+    return _Failure(result=result, letter=letter)
 
 
-async def _dead_undecoded(
-    delivery: Delivery,
-    consumer: Consumer[Any],
-    pipeline: Pipeline,
-    reason: DeadReason,
-    exc: BaseException,
-) -> Result:
+def _undecoded(
+    delivery: Delivery, consumer: Consumer[Any], reason: DeadReason, exc: BaseException
+) -> _Failure:
     """Dead-letter a delivery we could not even decode, keeping every byte of it."""
     error_type, error_message, _ = deadletters.describe(exc)
     now = datetime.now(UTC)
@@ -221,8 +271,7 @@ async def _dead_undecoded(
         content_type=delivery.content_type,
         correlation_id=delivery.correlation_id,
     )
-    await _record(letter, pipeline)
-    return Result(
+    result = Result(
         outcome=Outcome.DEAD,
         message_id=message_id,
         topic=delivery.type,
@@ -230,20 +279,54 @@ async def _dead_undecoded(
         reason=reason,
         error=f"{error_type}: {error_message}",
     )
+    return _Failure(result=result, letter=letter)
 
 
-async def _record(letter: DeadLetter, pipeline: Pipeline) -> None:
+async def _write(
+    session: AsyncSession, failure: _Failure, consumer: Consumer[Any], pipeline: Pipeline
+) -> None:
+    """Write a failure's retry row or dead letter in the caller's transaction."""
+    if failure.retry is not None:
+        await pipeline.outbox.write(
+            session,
+            failure.retry,
+            exchange=DEFAULT_EXCHANGE,
+            routing_key=consumer.name,
+            delay=failure.delay,
+        )
+    elif failure.letter is not None:
+        await deadletters.record(session, failure.letter, schema=pipeline.schema)
+
+
+async def _settle_alone(failure: _Failure, consumer: Consumer[Any], pipeline: Pipeline) -> Result:
     async with pipeline.sessions() as session, session.begin():
-        await deadletters.record(session, letter, schema=pipeline.schema)
-    log.warning(
-        "message.dead_lettered",
-        message_id=letter.message_id,
-        consumer=letter.consumer,
-        topic=letter.topic,
-        attempt=letter.attempts,
-        reason=letter.reason.value,
-        error_type=letter.error_type,
-    )
+        await _write(session, failure, consumer, pipeline)
+    _log_failure(failure, consumer)
+    return failure.result
+
+
+def _log_failure(failure: _Failure, consumer: Consumer[Any]) -> None:
+    result = failure.result
+    if failure.retry is not None:
+        log.info(
+            "message.retry_scheduled",
+            message_id=result.message_id,
+            consumer=consumer.name,
+            topic=result.topic,
+            attempt=result.attempt,
+            retry_in_seconds=round(failure.delay.total_seconds(), 3) if failure.delay else 0,
+            error=result.error,
+        )
+    else:
+        log.warning(
+            "message.dead_lettered",
+            message_id=result.message_id,
+            consumer=consumer.name,
+            topic=result.topic,
+            attempt=result.attempt,
+            reason=result.reason.value if result.reason else None,
+            error=result.error,
+        )
 
 
 async def record_broker_dead_letter(
@@ -274,8 +357,10 @@ async def record_broker_dead_letter(
         "(workers crashed or stalled while handling it)"
     )
     if message is None:
-        return await _dead_undecoded(delivery, consumer, pipeline, DeadReason.DELIVERY_LIMIT, error)
-    return await _dead(message, consumer, pipeline, DeadReason.DELIVERY_LIMIT, error)
+        failure = _undecoded(delivery, consumer, DeadReason.DELIVERY_LIMIT, error)
+    else:
+        failure = _dead(message, consumer, DeadReason.DELIVERY_LIMIT, error)
+    return await _settle_alone(failure, consumer, pipeline)
 
 
 def _delivery_count(headers: Any) -> int | None:

@@ -21,7 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 from postroom import faults, rabbit
-from postroom.dispatch import Outcome, Pipeline, Result, dispatch, record_broker_dead_letter
+from postroom.dispatch import (
+    Outcome,
+    Pipeline,
+    Result,
+    dispatch,
+    dispatch_batch,
+    record_broker_dead_letter,
+)
 from postroom.message import Delivery
 from postroom.outage import is_outage
 from postroom.outbox import Outbox
@@ -85,6 +92,9 @@ class Worker:
         self._consuming = False
         self._connection: Any = None
         self._queues: list[tuple[Any, str]] = []
+        self._pipeline: Pipeline | None = None
+        self._batches: dict[str, list[AbstractIncomingMessage]] = {}
+        self._flushers: dict[str, asyncio.TimerHandle] = {}
         self.stats = WorkerStats()
 
     @property
@@ -102,7 +112,7 @@ class Worker:
             pool_pre_ping=True,
             connect_args={"server_settings": {"application_name": self._name}},
         )
-        pipeline = Pipeline(
+        pipeline = self._pipeline = Pipeline(
             sessions=async_sessionmaker(engine, expire_on_commit=False),
             outbox=Outbox.from_settings(settings),
             max_body_bytes=settings.max_body_bytes,
@@ -192,14 +202,77 @@ class Worker:
     def _callback(
         self, consumer: Consumer[Any], pipeline: Pipeline, *, dead: bool
     ) -> Callable[[AbstractIncomingMessage], Coroutine[Any, Any, None]]:
+        batched = self._settings.worker_batch_size > 1 and not consumer.ordered and not dead
+
         async def on_message(incoming: AbstractIncomingMessage) -> None:
             # Our own task, not aiormq's: a closing channel must not cancel a handler
             # midway; the drain decides what finishes and what is requeued.
-            task = asyncio.create_task(self._handle(consumer, incoming, pipeline, dead=dead))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            if batched:
+                self._add_to_batch(consumer, incoming, pipeline)
+            else:
+                self._spawn(self._handle(consumer, incoming, pipeline, dead=dead))
 
         return on_message
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    def _add_to_batch(
+        self, consumer: Consumer[Any], incoming: AbstractIncomingMessage, pipeline: Pipeline
+    ) -> None:
+        batch = self._batches.setdefault(consumer.name, [])
+        batch.append(incoming)
+        if len(batch) >= self._settings.worker_batch_size:
+            self._flush(consumer, pipeline)
+        elif consumer.name not in self._flushers:
+            loop = asyncio.get_running_loop()
+            self._flushers[consumer.name] = loop.call_later(
+                self._settings.worker_batch_wait, self._flush, consumer, pipeline
+            )
+
+    def _flush(self, consumer: Consumer[Any], pipeline: Pipeline) -> None:
+        timer = self._flushers.pop(consumer.name, None)
+        if timer is not None:
+            timer.cancel()
+        batch = self._batches.pop(consumer.name, [])
+        if batch:
+            self._spawn(self._handle_batch(consumer, batch, pipeline))
+
+    async def _handle_batch(
+        self,
+        consumer: Consumer[Any],
+        batch: list[AbstractIncomingMessage],
+        pipeline: Pipeline,
+    ) -> None:
+        async with self._semaphore:
+            if self._stopping or self._broken.is_set():
+                for incoming in batch:
+                    await self._requeue(incoming, consumer, "not started: stopping or reconnecting")
+                return
+            started = time.perf_counter()
+            inflight = self._metrics.inflight(consumer.name) if self._metrics else None
+            try:
+                with inflight or contextlib.nullcontext():
+                    results = await dispatch_batch(
+                        [_delivery(m) for m in batch], consumer, pipeline
+                    )
+            except asyncio.CancelledError:
+                for incoming in batch:
+                    await asyncio.shield(self._requeue(incoming, consumer, "cancelled at shutdown"))
+                raise
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"[:300]
+                for incoming in batch:
+                    await self._requeue(incoming, consumer, why)
+                self._set_connected("database", False)
+                self._broken.set()
+                return
+            faults.crash_point(pipeline.crash_at, faults.WORKER_AFTER_COMMIT)
+            seconds = (time.perf_counter() - started) / len(batch)
+            for incoming, result in zip(batch, results, strict=True):
+                await self._ack(incoming, consumer, result, seconds)
 
     async def _handle(
         self,
@@ -303,6 +376,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(queue.cancel(tag), timeout=2)
         self._queues.clear()
+        if self._pipeline is not None:
+            for name in list(self._batches):
+                self._flush(self._router[name], self._pipeline)
         if self._inflight:
             deadline = self._settings.shutdown_timeout if stopping else 2.0
             log.info("worker.draining", inflight=len(self._inflight), deadline_seconds=deadline)
