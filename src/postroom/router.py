@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -63,6 +63,8 @@ class Consumer(Generic[E]):
     handler: Handler[E]
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     ordered: bool = False
+    publishes: tuple[type[Event], ...] = ()
+    """Events the handler may publish; declared for documentation (``postroom asyncapi``)."""
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -84,21 +86,28 @@ class Router:
         backoff: timedelta = timedelta(seconds=1),
         backoff_cap: timedelta = timedelta(minutes=5),
         ordered: bool = False,
+        publishes: Sequence[type[Event]] = (),
     ) -> Callable[[Handler[E]], Handler[E]]:
         """Register the decorated coroutine as consumer *name* of *event_type*.
 
         *ordered* consumers get a single-active-consumer queue and handle messages of one
         ordering key one at a time, in queue order (a retry still steps out of line).
+        *publishes* lists the events the handler publishes, for the AsyncAPI document;
+        it is not enforced.
         """
         if not _NAME.match(name):
             raise PostroomError(f"consumer name {name!r} must match {_NAME.pattern}")
         if name in self._consumers:
             raise PostroomError(f"consumer {name!r} is registered twice")
         topic_of(event_type)  # fail at import time, not at the first message
+        for published in publishes:
+            topic_of(published)
         policy = RetryPolicy(max_attempts=max_attempts, base=backoff, cap=backoff_cap)
 
         def register(handler: Handler[E]) -> Handler[E]:
-            self._consumers[name] = Consumer(name, event_type, handler, policy, ordered)
+            self._consumers[name] = Consumer(
+                name, event_type, handler, policy, ordered, tuple(publishes)
+            )
             return handler
 
         return register
