@@ -7,11 +7,12 @@ a misspelt setting that is silently ignored is a production incident waiting to 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -52,7 +53,7 @@ class _EnvWithFiles(PydanticBaseSettingsSource):
         fields = _env_names(self.settings_cls.model_fields)
         values: dict[str, Any] = {}
         for key, raw in self._environ.items():
-            if not key.startswith(PREFIX):
+            if not key.startswith(PREFIX) or is_service_link(key, raw):
                 continue
             name = key[len(PREFIX) :].lower()
             from_file = False
@@ -60,7 +61,7 @@ class _EnvWithFiles(PydanticBaseSettingsSource):
                 name = name[: -len(FILE_SUFFIX)]
                 from_file = True
             if name not in fields:
-                raise ConfigError(f"unknown setting {key}; known: {_known_names(fields)}")
+                raise ConfigError(_unknown(key, fields))
             if from_file:
                 if PREFIX + name.upper() in self._environ:
                     raise ConfigError(f"both {PREFIX}{name.upper()} and {key} are set; keep one")
@@ -72,13 +73,49 @@ class _EnvWithFiles(PydanticBaseSettingsSource):
         return values
 
 
+_LINK_HOST = re.compile(r"^[0-9A-Fa-f.:]+$")
+_LINK_PORT = re.compile(r"^[0-9]{1,5}$")
+_LINK_URL = re.compile(r"^(tcp|udp|sctp)://(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f.:]+):[0-9]{1,5}$")
+_LINK_PROTO = re.compile(r"^(tcp|udp|sctp)$")
+_LINK_NAMES = (
+    # (shape of the name after POSTROOM_, shape its value must have), after Kubernetes'
+    # docker-links-compatible service environment variables.
+    (re.compile(r"^(?:[A-Z0-9_]+_)?SERVICE_HOST$"), _LINK_HOST),
+    (re.compile(r"^(?:[A-Z0-9_]+_)?SERVICE_PORT(?:_[A-Z0-9_]+)?$"), _LINK_PORT),
+    (re.compile(r"^(?:[A-Z0-9_]+_)?PORT$"), _LINK_URL),
+    (re.compile(r"^(?:[A-Z0-9_]+_)?PORT_[0-9]+_(?:TCP|UDP|SCTP)$"), _LINK_URL),
+    (re.compile(r"^(?:[A-Z0-9_]+_)?PORT_[0-9]+_(?:TCP|UDP|SCTP)_PROTO$"), _LINK_PROTO),
+    (re.compile(r"^(?:[A-Z0-9_]+_)?PORT_[0-9]+_(?:TCP|UDP|SCTP)_PORT$"), _LINK_PORT),
+    (re.compile(r"^(?:[A-Z0-9_]+_)?PORT_[0-9]+_(?:TCP|UDP|SCTP)_ADDR$"), _LINK_HOST),
+)
+
+
+def is_service_link(key: str, value: str) -> bool:
+    """Return True if *key*=*value* is a variable Kubernetes injected for a Service.
+
+    A Service named ``postroom`` or ``postroom-*`` in the namespace makes the kubelet set
+    ``POSTROOM_*_SERVICE_HOST``, ``_SERVICE_PORT[_<name>]``, ``_PORT`` and
+    ``_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]`` (unless ``enableServiceLinks: false``). Both
+    the name and the value must have the injected shape (an IP, a port number, a
+    ``tcp://ip:port`` URL), so a misspelt setting such as ``POSTROOM_HELTH_PORT=9000`` is
+    still reported as unknown, and ``POSTROOM_HEALTH_PORT=9000`` is still the setting.
+    """
+    if not key.startswith(PREFIX):
+        return False
+    rest = key[len(PREFIX) :]
+    return any(name.match(rest) and shape.match(value) for name, shape in _LINK_NAMES)
+
+
 def _env_names(fields: Mapping[str, FieldInfo]) -> set[str]:
     """Names as they appear after the prefix: the alias where a field has one."""
     return {field.alias or name for name, field in fields.items()}
 
 
-def _known_names(fields: set[str]) -> str:
-    return ", ".join(PREFIX + name.upper() for name in sorted(fields))
+def _unknown(key: str, fields: set[str]) -> str:
+    known = [PREFIX + name.upper() for name in sorted(fields)]
+    close = difflib.get_close_matches(key.removesuffix(FILE_SUFFIX), known, n=1, cutoff=0.8)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown setting {key}{hint}; known: {', '.join(known)}"
 
 
 class Settings(BaseSettings):
@@ -122,17 +159,39 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         default=16, gt=0, description="Handlers running at once in one worker process."
     )
+    worker_batch_size: int = Field(
+        default=1,
+        gt=0,
+        le=1000,
+        description=(
+            "Messages handled in one transaction (each in its own SAVEPOINT) and acked "
+            "after one commit; 1 = a transaction per message. Ordered consumers use 1."
+        ),
+    )
+    worker_batch_wait: float = Field(
+        default=0.005,
+        ge=0,
+        description="Seconds a partial batch waits for more messages before it runs.",
+    )
     delivery_limit: int = Field(
         default=20,
         gt=0,
         description="Broker redeliveries before a message that crashes workers is dead-lettered.",
     )
     shutdown_timeout: float = Field(
-        default=25.0, ge=0, description="Seconds in-flight handlers get to finish on SIGTERM."
+        default=25.0,
+        ge=0,
+        description="Seconds a stopping process gets on SIGTERM to finish in-flight work "
+        "(the relay's batch, the worker's handlers) before it gives up on it.",
     )
     health_host: str = Field(default="0.0.0.0", description="Address of the health server.")
     health_port: int = Field(
         default=9000, ge=0, le=65535, description="Port for /livez, /readyz, /metrics; 0 = off."
+    )
+    metrics_interval: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds between the relay's outbox queries for the backlog and lag gauges.",
     )
     log_format: Literal["json", "console"] = Field(default="json", description="Log renderer.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
@@ -233,3 +292,76 @@ def _describe(exc: ValidationError) -> str:
         name = "schema" if field == "schema_name" else field
         problems.append(f"{PREFIX}{name.upper()}: {error['msg']}")
     return "invalid settings: " + "; ".join(problems)
+
+
+_REFERENCE_INTRO = """\
+# Configuration reference
+
+<!-- Generated from postroom.settings.Settings by `postroom config-reference`; do not edit.
+     Regenerate: postroom config-reference > docs/configuration.md -->
+
+A postroom process reads its settings once, at start-up, from `POSTROOM_*` environment
+variables, and validates them before doing anything else. An unknown `POSTROOM_*` variable is
+an error (exit code 2), so a misspelt name stops the process instead of being ignored.
+
+Every variable can instead name a file that holds its value, with the suffix `_FILE`, e.g.
+`POSTROOM_DATABASE_URL_FILE=/run/secrets/postroom/database-url` (surrounding whitespace is
+stripped). Use this for secrets; setting both `X` and `X_FILE` is an error. Durations are in
+seconds; booleans accept `true`/`false`/`1`/`0`. URLs are shown with their password redacted
+in logs and in `postroom check`.
+
+"""
+
+_REFERENCE_OUTRO = """
+Kubernetes service links: a Service named `postroom` or `postroom-*` in the namespace makes
+the kubelet inject `POSTROOM_*_SERVICE_HOST`, `POSTROOM_*_SERVICE_PORT[_<name>]`,
+`POSTROOM_*_PORT` and `POSTROOM_*_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]` variables. postroom
+ignores exactly those shapes (name *and* value: an IP address, a port number, a
+`tcp://ip:port` URL), so they never count as unknown settings while a misspelt setting still
+does. The manifests under `deploy/` also set `enableServiceLinks: false`.
+"""
+
+
+def reference() -> str:
+    """Return the Markdown reference of every setting, generated from :class:`Settings`.
+
+    ``docs/configuration.md`` is this text; a test fails when the two differ.
+    """
+    rows = ["| Variable | Type | Default | Description |", "| --- | --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        variable = PREFIX + (field.alias or name).upper()
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{variable}` | {_type_of(field)} | {_default_of(field)} | {description} |")
+    return _REFERENCE_INTRO + "\n".join(rows) + "\n" + _REFERENCE_OUTRO
+
+
+def _type_of(field: FieldInfo) -> str:
+    annotation = field.annotation
+    names = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    if annotation is SecretStr:
+        text = "string, secret"
+    elif get_origin(annotation) is Literal:
+        text = "one of " + ", ".join(f"`{choice}`" for choice in get_args(annotation))
+    else:
+        args = [arg for arg in get_args(annotation) if arg is not type(None)] or [annotation]
+        text = " or ".join(names.get(arg, getattr(arg, "__name__", str(arg))) for arg in args)
+    bounds = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    for constraint in field.metadata:
+        for attr, symbol in bounds.items():
+            value = getattr(constraint, attr, None)
+            if value is not None:
+                text += f", {symbol} {value}"
+    return text
+
+
+def _default_of(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    value = field.default
+    if value is None:
+        return "unset"
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, bool):
+        value = str(value).lower()
+    return f"`{value}`"
