@@ -170,3 +170,104 @@ async def eventually(predicate: Any, *, timeout: float = 30.0, interval: float =
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
         await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to 0, read it, close)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def http_get(
+    port: int, path: str, *, method: str = "GET", timeout: float = 5.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request to 127.0.0.1:*port*; return (status, headers, body).
+
+    Plain asyncio, so it never blocks the test's loop (a FaultProxy may be running in it).
+    """
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+    try:
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, headers, body
+
+
+@dataclass
+class ServedRelay:
+    """A `postroom relay` subprocess with its health server on :attr:`port`."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Any
+
+    def log(self) -> str:
+        return str(self.log_path.read_text(errors="replace"))
+
+    async def status(self, path: str) -> tuple[int, bytes]:
+        status, _, body = await http_get(self.port, path)
+        return status, body
+
+    async def wait_status(self, path: str, expected: int, *, timeout: float = 20.0) -> bytes:
+        """Poll *path* until it answers *expected*; return that answer's body."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: object = None
+        while loop.time() < deadline:
+            try:
+                status, body = await self.status(path)
+            except OSError as exc:
+                last = exc
+            else:
+                if status == expected:
+                    return body
+                last = (status, body)
+            if self.process.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{path} never answered {expected} (last: {last!r})\n{self.log()}")
+
+
+@contextlib.asynccontextmanager
+async def served_relay(settings: Settings, log_path: Any, **env: str) -> AsyncIterator[ServedRelay]:
+    """Run `postroom relay` with its health server on a free port; stderr goes to *log_path*.
+
+    Yields once /livez answers. On exit the process is stopped (SIGTERM, then SIGKILL) if
+    the test did not stop it itself.
+    """
+    port = free_port()
+    env = {"POSTROOM_HEALTH_HOST": "127.0.0.1", "POSTROOM_HEALTH_PORT": str(port), **env}
+    process = _spawn_logged(settings, log_path, "relay", **env)
+    served = ServedRelay(process, port, log_path)
+    try:
+        await served.wait_status("/livez", 200)
+        yield served
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                await wait_exit(process, timeout=10)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+
+
+def _spawn_logged(
+    settings: Settings, log_path: Any, *args: str, **env: str
+) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            postroom_cmd(*args),
+            env=settings_env(settings, **env),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )

@@ -59,9 +59,9 @@ def relay() -> None:
     settings = load_settings()
     _configure_logs(settings)
     from postroom.process import run_service
-    from postroom.relay import relay_forever
+    from postroom.service import run_relay
 
-    run_service(lambda stop: relay_forever(settings, stop))
+    run_service(lambda stop: run_relay(settings, stop))
 
 
 @app.command()
@@ -82,6 +82,38 @@ def worker(
     except PostroomError as exc:
         fail(str(exc))
     run_service(lambda stop: work_forever(settings, loaded, stop))
+
+
+@app.command()
+def check(
+    timeout: Annotated[float, typer.Option(help="Seconds each check may take.")] = 5.0,
+) -> None:
+    """Pre-flight: config valid, database reachable, schema at head, broker reachable.
+
+    Prints one line per check; exits 1 if a check fails, 2 if the configuration is invalid.
+    """
+    import asyncio
+
+    from postroom.check import check_config, run_checks
+
+    settings, config = check_config()
+    typer.echo(config.line())
+    if settings is None:
+        raise typer.Exit(2)
+    _configure_logs(settings)
+    results = asyncio.run(run_checks(settings, timeout=timeout))
+    for result in results:
+        typer.echo(result.line())
+    if not all(result.ok for result in results):
+        raise typer.Exit(1)
+
+
+@app.command("config-reference")
+def config_reference() -> None:
+    """Print the Markdown reference of every setting (docs/configuration.md)."""
+    from postroom.settings import reference
+
+    typer.echo(reference(), nl=False)
 
 
 def main() -> None:

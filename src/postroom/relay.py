@@ -26,6 +26,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 from postroom import faults, rabbit
+from postroom.metrics import Metrics
 from postroom.outage import is_outage
 from postroom.outbox import notify_channel
 from postroom.settings import Settings, redact_url
@@ -59,7 +60,9 @@ def lock_namespace(schema: str) -> int:
 class Relay:
     """Publish an outbox to RabbitMQ until told to stop; reconnects by itself."""
 
-    def __init__(self, settings: Settings, *, name: str = "postroom-relay") -> None:
+    def __init__(
+        self, settings: Settings, *, name: str = "postroom-relay", metrics: Metrics | None = None
+    ) -> None:
         self._settings = settings
         self._name = name
         self._outbox = qualified(settings.schema_name, "outbox")
@@ -68,6 +71,8 @@ class Relay:
         self._amqp: Any = None
         self._publisher: rabbit.ConfirmingPublisher | None = None
         self.stats = RelayStats()
+        self._metrics = metrics
+        self._peer_state(database=False, broker=False)
         self._claim_sql = _claim_sql(self._outbox)
         self._head_partitions_sql = _head_partitions_sql(self._outbox)
 
@@ -137,15 +142,18 @@ class Relay:
             "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
         )
         await self._db.add_listener(notify_channel(settings.schema_name), self._on_notify)
+        self._peer_state(database=True)
         self._amqp = await rabbit.connect(settings.amqp_url.get_secret_value(), name=self._name)
         await rabbit.declare_exchange(self._amqp, settings.exchange)
         self._publisher = await rabbit.ConfirmingPublisher.open(self._amqp)
+        self._peer_state(broker=True)
         log.info("relay.connected")
 
     async def _disconnect(self) -> None:
         publisher, self._publisher = self._publisher, None
         amqp, self._amqp = self._amqp, None
         db, self._db = self._db, None
+        self._peer_state(database=False, broker=False)
         for closer in (
             publisher.close() if publisher else None,
             amqp.close() if amqp else None,
@@ -158,12 +166,21 @@ class Relay:
             except Exception as exc:  # closing a broken connection may fail; it is gone anyway
                 log.debug("relay.close_failed", error=_short(exc))
 
+    def _peer_state(self, *, database: bool | None = None, broker: bool | None = None) -> None:
+        if self._metrics is None:
+            return
+        for peer, up in (("database", database), ("broker", broker)):
+            if up is not None:
+                self._metrics.connected(component="relay", peer=peer, up=up)
+
     def _on_notify(self, *_: object) -> None:
         self._wake.set()
 
     async def _loop(self, stop: asyncio.Event) -> None:
         batch_size = self._settings.relay_batch_size
         while not stop.is_set():
+            if not self.ready:  # noticed between batches, so /readyz and reconnects are prompt
+                raise ConnectionError("the database or broker connection was closed")
             self._wake.clear()
             published = await self.cycle()
             if published >= batch_size:
@@ -287,14 +304,22 @@ class Relay:
         stats.batches += 1
         stats.last_batch_seconds = seconds
         failed_ids = {row["id"] for row, _ in failed}
+        published_now: dict[str, int] = {}
+        failed_now: dict[str, int] = {}
         for row in rows:
             topic = row["topic"]
             if row["id"] in failed_ids:
                 stats.failed += 1
                 stats.failed_by_topic[topic] = stats.failed_by_topic.get(topic, 0) + 1
+                failed_now[topic] = failed_now.get(topic, 0) + 1
             else:
                 stats.published += 1
                 stats.published_by_topic[topic] = stats.published_by_topic.get(topic, 0) + 1
+                published_now[topic] = published_now.get(topic, 0) + 1
+        if self._metrics is not None:
+            self._metrics.relay_batch(
+                seconds=seconds, published_by_topic=published_now, failed_by_topic=failed_now
+            )
         log.debug("relay.batch", rows=len(rows), failed=len(failed), seconds=round(seconds, 4))
 
 

@@ -1,0 +1,144 @@
+"""Pre-flight checks for ``postroom check``: database, schema at head, broker.
+
+Each check is bounded by a timeout, so an init container or an exec probe never hangs,
+and reports a reason a person can act on. URLs are shown redacted and any secret that a
+client library echoes in an error is masked before it is printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+from alembic.script import ScriptDirectory
+
+from postroom import migrate, rabbit
+from postroom.errors import ConfigError
+from postroom.settings import Settings, redact_url
+
+DEFAULT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The outcome of one check: its name, whether it passed and why."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        """Return the one-line form ``postroom check`` prints."""
+        return f"{'OK' if self.ok else 'FAIL':<4} {self.name:<11} {self.detail}"
+
+
+def check_config(environ: Mapping[str, str] | None = None) -> tuple[Settings | None, CheckResult]:
+    """Build settings from *environ* (default: the process environment) as the first check."""
+    try:
+        settings = Settings.from_env(environ)
+    except ConfigError as exc:
+        return None, CheckResult("config", False, str(exc))
+    shown = settings.describe()
+    return settings, CheckResult(
+        "config", True, f"schema {shown['schema']!r}, exchange {shown['exchange']!r}"
+    )
+
+
+async def run_checks(settings: Settings, *, timeout: float = DEFAULT_TIMEOUT) -> list[CheckResult]:
+    """Check the database, the schema's migration revision and the broker, in that order.
+
+    Never raises for an unreachable or misconfigured dependency: each problem becomes a
+    failed :class:`CheckResult`. The schema is only checked once the database answered.
+    """
+    db_url = redact_url(settings.asyncpg_dsn)
+    amqp_url = redact_url(settings.amqp_url.get_secret_value())
+    database = await _bounded("database", db_url, _database(settings), timeout, settings)
+    if database.ok:
+        schema = await _bounded("migrations", db_url, _migrations(settings), timeout, settings)
+    else:
+        schema = CheckResult("migrations", False, "not checked: the database is unreachable")
+    broker = await _bounded("broker", amqp_url, _broker(settings), timeout, settings)
+    return [database, schema, broker]
+
+
+async def _bounded(
+    name: str,
+    target: str,
+    check: Coroutine[Any, Any, tuple[bool, str]],
+    timeout: float,
+    settings: Settings,
+) -> CheckResult:
+    try:
+        ok, detail = await asyncio.wait_for(check, timeout)
+    except TimeoutError:
+        return CheckResult(name, False, f"{target}: no answer within {timeout:g}s")
+    except Exception as exc:  # every failure is the check's answer, reported with its reason
+        reason = _mask(f"{type(exc).__name__}: {exc}{_hint(exc)}", settings)
+        return CheckResult(name, False, f"{target}: {reason}")
+    return CheckResult(name, ok, detail)
+
+
+async def _database(settings: Settings) -> tuple[bool, str]:
+    connection = await asyncpg.connect(settings.asyncpg_dsn, timeout=DEFAULT_TIMEOUT)
+    try:
+        version = await connection.fetchval("SHOW server_version")
+    finally:
+        await connection.close(timeout=2)
+    return True, f"{redact_url(settings.asyncpg_dsn)} (PostgreSQL {version})"
+
+
+async def _migrations(settings: Settings) -> tuple[bool, str]:
+    head = migrate.head_revision()
+    current = await migrate.current_revision(settings)
+    schema = settings.schema_name
+    if current == head:
+        return True, f"schema {schema!r} is at head ({head})"
+    if current is None:
+        return (
+            False,
+            f"schema {schema!r} has no postroom tables (head is {head}); run `postroom migrate`",
+        )
+    known = {
+        rev.revision for rev in ScriptDirectory(str(migrate.migrations_dir())).walk_revisions()
+    }
+    if current not in known:
+        return False, (
+            f"schema {schema!r} is at {current}, a revision this postroom does not know "
+            f"(head is {head}); a newer version migrated it"
+        )
+    return False, f"schema {schema!r} is at {current}, behind head {head}; run `postroom migrate`"
+
+
+async def _broker(settings: Settings) -> tuple[bool, str]:
+    url = settings.amqp_url.get_secret_value()
+    connection = await rabbit.connect(url, name="postroom-check", timeout=DEFAULT_TIMEOUT)
+    await connection.close()
+    return True, redact_url(url)
+
+
+def _hint(exc: Exception) -> str:
+    # RabbitMQ answers a missing or forbidden vhost with Connection.Close during the
+    # handshake, and the client reports only the unexpected frame.
+    if "Connection.Close" in str(exc):
+        return " (the broker closed the handshake: does the vhost exist, may this user use it?)"
+    return ""
+
+
+def _mask(text: str, settings: Settings) -> str:
+    """Replace any password of the configured URLs that *text* might echo."""
+    for url in (settings.database_url.get_secret_value(), settings.amqp_url.get_secret_value()):
+        for password in _passwords(url):
+            text = text.replace(password, "***")
+    return text.replace("\n", " ")[:500]
+
+
+def _passwords(url: str) -> set[str]:
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return set()
+    return {password, unquote(password)} if password else set()

@@ -1,0 +1,151 @@
+"""Prometheus metrics of a postroom process, in a registry of its own.
+
+One :class:`Metrics` per process, built at the edge and passed in (no module globals, no
+default registry), so tests and embedding services can run several side by side. Label
+values are bounded: component, peer and outcome are closed sets checked here, consumer and
+topic are names a service declares; a message id never becomes a label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+OUTCOMES = frozenset({"acked", "duplicate", "retry", "dead"})
+"""What became of a delivery: handled and committed, already in the inbox, rescheduled, dead."""
+COMPONENTS = frozenset({"relay", "worker"})
+PEERS = frozenset({"database", "broker"})
+
+# Publishing a batch takes milliseconds to seconds; a handler, milliseconds to minutes.
+_BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_HANDLER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """Every postroom metric, registered in :attr:`registry` (a fresh one by default).
+
+    The recording methods are cheap and never raise for valid labels; an unknown outcome,
+    component or peer raises ValueError, because a typo there would be a silent new series.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.outbox_pending = Gauge(
+            "postroom_outbox_pending_messages",
+            "Outbox rows due for publishing and not yet published.",
+            registry=r,
+        )
+        self.outbox_oldest_age = Gauge(
+            "postroom_outbox_oldest_pending_age_seconds",
+            "How long the oldest due outbox row has waited to be published (the lag SLO).",
+            registry=r,
+        )
+        self.outbox_errored = Gauge(
+            "postroom_outbox_errored_messages",
+            "Outbox rows whose last publish attempt failed (waiting to be tried again).",
+            registry=r,
+        )
+        self.outbox_polled = Gauge(
+            "postroom_outbox_last_poll_timestamp_seconds",
+            "Unix time the outbox gauges were last refreshed; stale means they are too.",
+            registry=r,
+        )
+        self.relay_published = Counter(
+            "postroom_relay_published",
+            "Messages the relay published and the broker confirmed.",
+            ["topic"],
+            registry=r,
+        )
+        self.relay_failed = Counter(
+            "postroom_relay_failed",
+            "Messages the broker refused or returned; they stay in the outbox for later.",
+            ["topic"],
+            registry=r,
+        )
+        self.relay_batch_seconds = Histogram(
+            "postroom_relay_batch_duration_seconds",
+            "Time to claim, publish (with confirms) and settle one relay batch.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.consumer_messages = Counter(
+            "postroom_consumer_messages",
+            "Deliveries a consumer finished, by outcome (acked, duplicate, retry, dead).",
+            ["consumer", "topic", "outcome"],
+            registry=r,
+        )
+        self.handler_seconds = Histogram(
+            "postroom_handler_duration_seconds",
+            "Time to handle one delivery: inbox check, handler, commit.",
+            ["consumer"],
+            buckets=_HANDLER_BUCKETS,
+            registry=r,
+        )
+        self.handlers_in_flight = Gauge(
+            "postroom_handlers_in_flight",
+            "Handlers running now.",
+            ["consumer"],
+            registry=r,
+        )
+        self.connection_up = Gauge(
+            "postroom_connection_up",
+            "1 while the component is connected to the peer, 0 otherwise.",
+            ["component", "peer"],
+            registry=r,
+        )
+        self.loop_lag = Gauge(
+            "postroom_event_loop_lag_seconds",
+            "How late the health server's last heartbeat ran; high means a blocked loop.",
+            registry=r,
+        )
+
+    def relay_batch(
+        self,
+        *,
+        seconds: float,
+        published_by_topic: Mapping[str, int],
+        failed_by_topic: Mapping[str, int],
+    ) -> None:
+        """Record one settled relay batch: its duration and what it published or failed."""
+        self.relay_batch_seconds.observe(seconds)
+        for topic, count in published_by_topic.items():
+            self.relay_published.labels(topic).inc(count)
+        for topic, count in failed_by_topic.items():
+            self.relay_failed.labels(topic).inc(count)
+
+    def outbox_state(self, *, pending: int, oldest_age_seconds: float, errored: int) -> None:
+        """Set the outbox gauges from one query of the outbox table."""
+        self.outbox_pending.set(pending)
+        self.outbox_oldest_age.set(oldest_age_seconds)
+        self.outbox_errored.set(errored)
+        self.outbox_polled.set_to_current_time()
+
+    def handled(self, *, consumer: str, topic: str, outcome: str, seconds: float) -> None:
+        """Record one finished delivery of *consumer*; *outcome* is one of :data:`OUTCOMES`."""
+        _check(outcome, OUTCOMES, "outcome")
+        self.consumer_messages.labels(consumer, topic, outcome).inc()
+        self.handler_seconds.labels(consumer).observe(seconds)
+
+    @contextlib.contextmanager
+    def inflight(self, consumer: str) -> Iterator[None]:
+        """Count a handler of *consumer* as running for the duration of the block."""
+        gauge = self.handlers_in_flight.labels(consumer)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+
+    def connected(self, *, component: str, peer: str, up: bool) -> None:
+        """Record whether *component* (relay, worker) is connected to *peer* (database, broker)."""
+        _check(component, COMPONENTS, "component")
+        _check(peer, PEERS, "peer")
+        self.connection_up.labels(component, peer).set(1 if up else 0)
+
+
+def _check(value: str, allowed: frozenset[str], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {sorted(allowed)}")

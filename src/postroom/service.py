@@ -1,0 +1,139 @@
+"""Compose a long-running postroom process: its main loop, health server and side tasks.
+
+``postroom relay`` is :func:`run_relay`; a worker process is built the same way from
+:func:`serving` (``/livez``, ``/readyz``, ``/metrics``, unready once *stop* is set),
+:func:`running` (a side task that cannot outlive the block) and :func:`within_grace`
+(the drain deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+import structlog
+
+from postroom import backlog
+from postroom.health import HealthServer, ReadyCheck
+from postroom.metrics import Metrics
+from postroom.relay import Relay
+from postroom.settings import Settings
+
+log = structlog.get_logger("postroom.service")
+
+DRAINING = "draining: the process is shutting down"
+CANCEL_WAIT = 2.0
+"""Seconds to wait for a main task to unwind after its grace period was cancelled."""
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings,
+    *,
+    ready: ReadyCheck,
+    metrics: Metrics,
+    stop: asyncio.Event,
+    port: int | None = None,
+) -> AsyncIterator[HealthServer | None]:
+    """Serve health and metrics for the duration of the block; yield the server.
+
+    *port* None means ``settings.health_port``, where 0 turns the server off (then None is
+    yielded); an explicit *port* is bound as given, 0 picking a free one (for tests). Once
+    *stop* is set ``/readyz`` answers 503 "draining" whatever *ready* says, so load
+    balancers and KEDA stop counting on the process while it drains; ``/livez`` stays 200.
+    """
+    if port is None:
+        port = settings.health_port
+        if port == 0:
+            yield None
+            return
+
+    def readiness() -> str | None:
+        return DRAINING if stop.is_set() else ready()
+
+    server = HealthServer(host=settings.health_host, port=port, ready=readiness, metrics=metrics)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def running(side: Coroutine[Any, Any, None], *, name: str) -> AsyncIterator[None]:
+    """Run *side* as a task while the block runs; cancel and await it on the way out.
+
+    An exception *side* raised is re-raised on exit, never lost.
+    """
+    task = asyncio.create_task(side, name=name)
+    try:
+        yield
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.wait({task})
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:
+            raise failure
+
+
+async def within_grace(
+    main: Coroutine[Any, Any, None], stop: asyncio.Event, *, grace: float, name: str
+) -> None:
+    """Run *main*, which returns soon after *stop* is set; give it *grace* seconds for that.
+
+    Past the grace period *main* is cancelled (a relay batch then rolls back and its rows
+    stay for the next claim) and this returns normally, so the process still exits 0
+    before the orchestrator's SIGKILL. An exception from *main* propagates.
+    """
+    task = asyncio.create_task(main, name=name)
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=grace)
+        if not task.done():
+            log.warning("service.grace_expired", task=name, grace_seconds=grace)
+            task.cancel()
+            await asyncio.wait({task}, timeout=CANCEL_WAIT)
+            return
+        task.result()
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=CANCEL_WAIT)
+
+
+async def run_relay(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    metrics: Metrics | None = None,
+    health_port: int | None = None,
+) -> None:
+    """Be the ``postroom relay`` process until *stop* is set.
+
+    Runs the relay, the outbox backlog gauges and the health server. ``/readyz`` is 200
+    while the relay is connected to both the database and the broker. On *stop* the relay
+    finishes the batch in hand within ``settings.shutdown_timeout`` (or abandons it to be
+    claimed again) and this returns. *health_port* overrides the setting, see
+    :func:`serving`.
+    """
+    metrics = metrics if metrics is not None else Metrics()
+    relay = Relay(settings, metrics=metrics)
+
+    def ready() -> str | None:
+        return None if relay.ready else "relay is not connected to both the database and broker"
+
+    log.info("relay.starting", settings=settings.describe())
+    async with (
+        serving(settings, ready=ready, metrics=metrics, stop=stop, port=health_port),
+        running(backlog.watch(settings, metrics, stop), name="postroom-backlog"),
+    ):
+        await within_grace(
+            relay.run(stop), stop, grace=settings.shutdown_timeout, name="postroom-relay"
+        )
+    log.info("relay.stopped", published=relay.stats.published, failed=relay.stats.failed)
