@@ -15,7 +15,10 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, ExchangeType
+from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
 
 from postroom.errors import TopologyMismatchError
 
@@ -153,13 +156,28 @@ class Refused(Exception):
 class ConfirmingPublisher:
     """Publish batches with confirms in flight and ``mandatory`` on a single channel.
 
-    Uses the aiormq channel under aio-pika directly: one frame write per message and
-    no per-message wrapper objects, since the relay's speed is this path's CPU.
+    Uses the aiormq channel under aio-pika directly. A batch goes out as one socket
+    write: its frames are marshalled together and each message's confirmation future
+    is registered in the channel's own tables, so aiormq's reader resolves acks,
+    nacks and returns exactly as for its ``basic_publish``. Per message that saves a
+    task, a lock round, a queue hand-off, a ``send()`` and a drain: the relay's CPU
+    per message fell by about two thirds (docs/performance.md). If the aiormq in use
+    lacks those tables, publishing falls back to one ``basic_publish`` per message.
     """
+
+    _CHANNEL_TABLES = (
+        "confirmations",
+        "message_id_delivery_tag",
+        "delivery_tag",
+        "write_queue",
+        "max_content_size",
+        "number",
+    )
 
     def __init__(self, channel: AbstractChannel, raw: aiormq.abc.AbstractChannel) -> None:
         self._channel = channel
         self._raw = raw
+        self._batched = all(hasattr(raw, name) for name in self._CHANNEL_TABLES)
 
     @classmethod
     async def open(cls, connection: AbstractConnection) -> ConfirmingPublisher:
@@ -175,32 +193,20 @@ class ConfirmingPublisher:
     ) -> list[BaseException | None]:
         """Publish *messages* in order; return, per message, None or why it failed.
 
-        Order on the wire is the order given (one channel, FIFO lock in aiormq), which is
-        what per-key ordering relies on. Raises on connection or channel loss: then no
-        result is known and the caller must treat the whole batch as unpublished.
+        Order on the wire is the order given (one channel, one write under the channel
+        lock), which is what per-key ordering relies on. Raises on connection or
+        channel loss or after *timeout*: then no result is known and the caller must
+        treat the whole batch as unpublished.
         """
-        futures = [
-            asyncio.ensure_future(
-                self._raw.basic_publish(
-                    message.body,
-                    exchange=message.exchange,
-                    routing_key=message.routing_key,
-                    properties=spec.Basic.Properties(
-                        content_type=message.content_type,
-                        delivery_mode=PERSISTENT,
-                        correlation_id=message.correlation_id,
-                        message_id=message.message_id,
-                        timestamp=message.timestamp,
-                        message_type=message.topic,
-                        headers=dict(message.headers),
-                    ),
-                    mandatory=True,
-                    timeout=timeout,
-                )
+        if not messages:
+            return []
+        if self._batched:
+            results = await self._publish_batch(messages, timeout)
+        else:
+            results = await asyncio.gather(
+                *(self._publish_one(message, timeout) for message in messages),
+                return_exceptions=True,
             )
-            for message in messages
-        ]
-        results = await asyncio.gather(*futures, return_exceptions=True)
         outcomes: list[BaseException | None] = []
         for result in results:
             if isinstance(result, aiormq.exceptions.PublishError):
@@ -216,6 +222,106 @@ class ConfirmingPublisher:
                 outcomes.append(Refused(f"unexpected confirmation {result!r}"))
         return outcomes
 
+    async def _publish_batch(
+        self, messages: Sequence[Outgoing], timeout: float
+    ) -> list[BaseException | object]:
+        raw: Any = self._raw
+        limit = raw.max_content_size
+        frames: list[Any] = []
+        # Method frames are reused per route: pamqp validates names on construction.
+        methods: dict[tuple[str, str], Any] = {}
+        for message in messages:
+            body = message.body
+            route = (message.exchange, message.routing_key)
+            method = methods.get(route)
+            if method is None:
+                method = methods[route] = spec.Basic.Publish(
+                    exchange=route[0], routing_key=route[1], mandatory=True
+                )
+            frames.append(method)
+            frames.append(ContentHeader(properties=_properties(message), body_size=len(body)))
+            if len(body) < limit:
+                frames.append(ContentBody(body))
+            else:
+                frames.extend(ContentBody(body[i : i + limit]) for i in range(0, len(body), limit))
+        confirmations: list[asyncio.Future[Any]] = []
+        async with asyncio.timeout(timeout):
+            async with raw.lock:
+                first_tag = raw.delivery_tag + 1
+                # Plain futures, one guard in the channel's store: aiormq rejects the
+                # futures of its store when the channel closes, and registering every
+                # confirmation there costs more than building its frames.
+                loop = asyncio.get_running_loop()
+                closed = raw.create_future()
+                for offset, message in enumerate(messages):
+                    future = loop.create_future()
+                    raw.confirmations[first_tag + offset] = future
+                    raw.message_id_delivery_tag[message.message_id] = first_tag + offset
+                    confirmations.append(future)
+                raw.delivery_tag += len(messages)
+                drained = raw.create_future()
+                frame = ChannelFrame.marshall(
+                    channel_number=raw.number, frames=frames, drain_future=drained
+                )
+                try:
+                    await raw.write_queue.put(frame)
+                except BaseException:
+                    # Never handed to the writer: the broker has not seen these tags.
+                    raw.delivery_tag = first_tag - 1
+                    closed.cancel()
+                    self._forget(messages, first_tag, confirmations)
+                    raise
+                await drained
+            confirmed = asyncio.gather(*confirmations, return_exceptions=True)
+            try:
+                await asyncio.wait((confirmed, closed), return_when=asyncio.FIRST_COMPLETED)
+                if not confirmed.done():  # the channel or connection closed
+                    reason = None if closed.cancelled() else closed.exception()
+                    if isinstance(reason, BrokerError):
+                        raise reason
+                    raise aiormq.exceptions.AMQPChannelError(
+                        f"channel closed with {len(messages)} confirms pending ({reason!r})"
+                    ) from reason
+                results: list[BaseException | object] = confirmed.result()
+                return results
+            finally:
+                closed.cancel()
+                self._forget(messages, first_tag, confirmations)
+
+    def _forget(
+        self, messages: Sequence[Outgoing], first_tag: int, futures: list[asyncio.Future[Any]]
+    ) -> None:
+        raw: Any = self._raw
+        for offset, (message, future) in enumerate(zip(messages, futures, strict=True)):
+            tag = first_tag + offset
+            if raw.message_id_delivery_tag.get(message.message_id) == tag:
+                del raw.message_id_delivery_tag[message.message_id]
+            if not future.done():
+                raw.confirmations.pop(tag, None)
+                future.cancel()
+
+    async def _publish_one(self, message: Outgoing, timeout: float) -> Any:
+        return await self._raw.basic_publish(
+            message.body,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            properties=_properties(message),
+            mandatory=True,
+            timeout=timeout,
+        )
+
     async def close(self) -> None:
         if not self._channel.is_closed:
             await self._channel.close()
+
+
+def _properties(message: Outgoing) -> Any:
+    return spec.Basic.Properties(
+        content_type=message.content_type,
+        delivery_mode=PERSISTENT,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        message_type=message.topic,
+        headers=dict(message.headers),
+    )
