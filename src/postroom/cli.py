@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -114,6 +115,42 @@ def config_reference() -> None:
     from postroom.settings import reference
 
     typer.echo(reference(), nl=False)
+
+
+@app.command()
+def asyncapi(
+    router: Annotated[
+        str, typer.Argument(help="Import path of a Router, e.g. billing.consumers:router.")
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="Document title (default: ROUTER).")] = None,
+    api_version: Annotated[str, typer.Option(help="The document's info.version.")] = "1.0.0",
+    exchange: Annotated[
+        str | None,
+        typer.Option(help="Events exchange (default: POSTROOM_EXCHANGE, else postroom.events)."),
+    ] = None,
+) -> None:
+    """Write an AsyncAPI 3.0.0 document of what ROUTER consumes and publishes."""
+    from postroom.asyncapi import document, dumps
+    from postroom.loader import load_router
+
+    try:
+        loaded = load_router(router)
+    except PostroomError as exc:
+        fail(str(exc))
+    if exchange is None:
+        try:
+            exchange = Settings.from_env().exchange
+        except ConfigError:  # no database configured where docs are built: the default
+            exchange = str(Settings.model_fields["exchange"].default)
+    text = dumps(document(loaded, title=title or router, version=api_version, exchange=exchange))
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        typer.echo(f"wrote {output}", err=True)
 
 
 def main() -> None:
