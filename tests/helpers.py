@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,13 +115,33 @@ async def running_relay(settings: Settings) -> AsyncIterator[Relay]:
 
 
 def spawn(settings: Settings, *args: str, **env: str) -> subprocess.Popen[bytes]:
-    """Start `postroom ARGS` as a real subprocess configured like *settings*."""
-    return subprocess.Popen(
+    """Start `postroom ARGS` as a real subprocess configured like *settings*.
+
+    Its logs go to a temporary file (never a pipe nobody reads: a full pipe would block
+    the process mid-log and look like a hang); `logs_of(process)` returns them.
+    """
+    log_file = tempfile.NamedTemporaryFile(prefix="postroom-", suffix=".log", delete=False)  # noqa: SIM115
+    process = subprocess.Popen(
         postroom_cmd(*args),
         env=settings_env(settings, **env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
     )
+    _LOGS[process.pid] = log_file.name
+    log_file.close()
+    return process
+
+
+_LOGS: dict[int, str] = {}
+
+
+def logs_of(process: subprocess.Popen[bytes], tail: int = 4000) -> str:
+    """The last *tail* characters a spawned process logged."""
+    path = _LOGS.get(process.pid)
+    if path is None:
+        return ""
+    with open(path, errors="replace") as handle:
+        return handle.read()[-tail:]
 
 
 async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
@@ -129,7 +150,7 @@ async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30.0) -> 
     while process.poll() is None:
         if loop.time() > deadline:
             process.kill()
-            raise AssertionError("process did not exit in time")
+            raise AssertionError(f"process did not exit in time; its log:\n{logs_of(process)}")
         await asyncio.sleep(0.05)
     return process.returncode
 

@@ -14,7 +14,7 @@ from postroom import Event, Outbox
 from postroom.faults import RELAY_AFTER_CONFIRM
 from postroom.settings import Settings
 from postroom.tables import outbox, schema_map
-from tests.helpers import bind_queue, collect, running_relay, spawn, wait_exit
+from tests.helpers import bind_queue, collect, logs_of, running_relay, spawn, wait_exit
 
 
 class OrderPlaced(Event, topic="shop.order-placed"):
@@ -28,10 +28,18 @@ class Stepped(Event, topic="seq.stepped"):
 
 
 async def publish_many(
-    sessions, settings: Settings, n: int, *, per_tx: int = 50, keys: int = 0, prefix: str = "k"
+    sessions,
+    settings: Settings,
+    n: int,
+    *,
+    per_tx: int = 50,
+    keys: int = 0,
+    prefix: str = "k",
+    start: int = 0,
 ) -> None:
     box = Outbox.from_settings(settings)
-    i = 0
+    i = start
+    n += start
     while i < n:
         async with sessions() as session, session.begin():
             for _ in range(min(per_tx, n - i)):
@@ -144,24 +152,34 @@ async def test_relay_recovers_from_broker_and_database_connection_kills(
             capture_output=True,
             timeout=60,
         )
-        await publish_many(sessions, settings, 100)
+        await publish_many(sessions, settings, 100, start=100)
         conn = await asyncpg.connect(admin_dsn)
         try:
-            killed = await conn.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = 'postroom-relay'"
-            )
+            # Wait for the relay to be back on the database, then kill its backend.
+            killed = 0
+            for _ in range(200):
+                killed = await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND application_name = 'postroom-relay'"
+                )
+                if killed:
+                    break
+                await asyncio.sleep(0.05)
         finally:
             await conn.close()
-        assert killed >= 1
-        await publish_many(sessions, settings, 100)
-        got = await collect(settings.amqp_url.get_secret_value(), queue, count=200, timeout=60)
-        assert relay.poll() is None, "the relay survived both kills"
+        assert killed >= 1, f"the relay never reconnected to the database:\n{logs_of(relay)}"
+        await publish_many(sessions, settings, 100, start=200)
+        try:
+            got = await collect(settings.amqp_url.get_secret_value(), queue, count=200, timeout=60)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; relay log:\n{logs_of(relay)}") from None
+        assert relay.poll() is None, f"the relay died:\n{logs_of(relay)}"
     finally:
         relay.terminate()
         assert await wait_exit(relay) == 0
     ids = {m.json()["order_id"] for m in got}
-    assert len(ids) == 100 and await pending(sessions, settings) == []
+    assert ids == set(range(100, 300)), "nothing published after the kills was lost"
+    assert await pending(sessions, settings) == []
 
 
 async def test_two_relays_publish_everything_in_key_order(settings, sessions, amqp, names):
