@@ -301,6 +301,12 @@ async def _write(
 async def _settle_alone(failure: _Failure, consumer: Consumer[Any], pipeline: Pipeline) -> Result:
     async with pipeline.sessions() as session, session.begin():
         await _write(session, failure, consumer, pipeline)
+    point = (
+        faults.WORKER_AFTER_RETRY_COMMIT
+        if failure.retry
+        else faults.WORKER_AFTER_DEAD_LETTER_COMMIT
+    )
+    faults.crash_point(pipeline.crash_at, point)
     _log_failure(failure, consumer)
     return failure.result
 

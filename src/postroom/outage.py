@@ -12,7 +12,7 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
 
-from postroom.rabbit import BrokerError
+from postroom.rabbit import BrokerError, ChannelGone
 
 _AWAY: tuple[type[BaseException], ...] = (
     OSError,
@@ -29,6 +29,7 @@ _AWAY: tuple[type[BaseException], ...] = (
     OperationalError,
     SAInterfaceError,
     BrokerError,
+    ChannelGone,
 )
 
 

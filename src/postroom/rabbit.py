@@ -28,6 +28,11 @@ QUORUM = "quorum"
 BrokerError = aiormq.exceptions.AMQPError
 """Base of every broker-side failure (connection, channel, protocol); an outage to retry."""
 
+ChannelGone = aiormq.exceptions.ChannelInvalidStateError
+"""Raised when a channel that already closed is used (e.g. the broker closed the connection
+between two relay batches). aiormq derives it from RuntimeError, not from AMQPError, yet it
+is an outage to retry like any other lost connection."""
+
 
 async def connect(url: str, *, name: str, timeout: float = 10.0) -> AbstractConnection:
     """Open a plain (non-robust) connection; callers own reconnection explicitly."""
