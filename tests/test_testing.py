@@ -6,6 +6,9 @@ the public ``postroom`` names and the service's own code, against real PostgreSQ
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from sqlalchemy import inspect, select
 
@@ -211,3 +214,16 @@ async def test_install_is_idempotent_and_uninstall_removes_the_schema(engine, na
     assert name not in schemas
     with pytest.raises(ValueError, match="SQL identifier"):
         await testing.install(engine, 'bad"; DROP TABLE x; --')
+
+
+def test_the_module_is_complete_and_imported_explicitly():
+    defined = {
+        name
+        for name, value in vars(testing).items()
+        if not name.startswith("_") and getattr(value, "__module__", None) == testing.__name__
+    }
+    assert defined <= set(testing.__all__), defined - set(testing.__all__)
+    assert all(hasattr(testing, name) for name in testing.__all__)
+    code = "import sys, postroom; print('postroom.testing' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

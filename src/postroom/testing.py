@@ -48,7 +48,7 @@ __all__ = [
     "uninstall",
 ]
 
-E = TypeVar("E", bound=Event)
+_E = TypeVar("_E", bound=Event)
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 Source = AsyncSession | async_sessionmaker[AsyncSession]
 """Where the read helpers look: a session (inside its open transaction, so uncommitted
@@ -106,8 +106,8 @@ def message(
 
 
 async def published(
-    source: Source, event_type: type[E], *, schema: str = DEFAULT_SCHEMA
-) -> list[E]:
+    source: Source, event_type: type[_E], *, schema: str = DEFAULT_SCHEMA
+) -> list[_E]:
     """Return the *event_type* events in the outbox, oldest first, decoded.
 
     With a session inside a transaction this includes what that transaction wrote and has
