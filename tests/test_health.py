@@ -10,6 +10,7 @@ import time
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 
 from postroom import Event, Outbox
 from postroom.health import HealthServer
@@ -40,6 +41,9 @@ async def test_routes_methods_and_malformed_requests():
     try:
         port = server.port
         assert port > 0
+        taken = HealthServer(host="127.0.0.1", port=port, ready=lambda: None, metrics=Metrics())
+        with pytest.raises(OSError):
+            await taken.start()
 
         status, headers, body = await http_get(port, "/livez")
         assert (status, json.loads(body)) == (200, {"status": "alive"})

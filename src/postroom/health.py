@@ -77,11 +77,11 @@ class HealthServer:
 
     async def start(self) -> None:
         """Bind and start serving; raises OSError if the port is taken."""
-        self._beat = self._clock()
-        self._heartbeat = asyncio.create_task(self._beating(), name="postroom-health-heartbeat")
         self._server = await asyncio.start_server(
             self._serve, self._host, self._port, limit=MAX_REQUEST_BYTES
         )
+        self._beat = self._clock()
+        self._heartbeat = asyncio.create_task(self._beating(), name="postroom-health-heartbeat")
         log.info("health.serving", host=self._host, port=self.port)
 
     async def close(self) -> None:
