@@ -19,7 +19,7 @@ demo: $(BIN)/.installed services
 	$(BIN)/postroom demo
 
 test: $(BIN)/.installed services
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_ARGS)

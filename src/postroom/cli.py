@@ -153,6 +153,33 @@ def asyncapi(
         typer.echo(f"wrote {output}", err=True)
 
 
+@app.command()
+def demo(
+    orders: Annotated[int, typer.Option(min=1, help="Orders to place.")] = 200,
+    rate: Annotated[float, typer.Option(min=0, help="Orders per second; 0: a burst.")] = 0.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Orders placed at once.")] = 8,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait after the last order.")] = 120.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run the demo shop end to end: relay, worker, a load of orders, a summary."""
+    import importlib
+    import os
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the demo lives in a checkout's examples/
+    try:
+        shop = importlib.import_module("examples.shop.run")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("examples", "examples.shop", "examples.shop.run"):
+            raise
+        fail(
+            "the demo shop is not importable: run `postroom demo` from the root of a "
+            "postroom checkout (it lives in examples/), or put that directory on PYTHONPATH"
+        )
+    options = {"orders": orders, "rate": rate, "concurrency": concurrency, "timeout": timeout}
+    raise typer.Exit(shop.main(**options, json_output=json_output))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -1,0 +1,1 @@
+"""Example systems built on postroom; not part of the installed package."""
