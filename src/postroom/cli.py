@@ -8,6 +8,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from postroom import cli_ops
+from postroom.cli_dead_letters import dead_letters_app
 from postroom.errors import ConfigError, PostroomError
 from postroom.settings import Settings
 
@@ -178,6 +180,12 @@ def demo(
         )
     options = {"orders": orders, "rate": rate, "concurrency": concurrency, "timeout": timeout}
     raise typer.Exit(shop.main(**options, json_output=json_output))
+
+
+app.add_typer(dead_letters_app, name="dead-letters")
+app.add_typer(cli_ops.outbox_app, name="outbox")
+app.command()(cli_ops.prune)
+app.command()(cli_ops.audit)
 
 
 def main() -> None:

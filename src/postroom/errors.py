@@ -68,3 +68,20 @@ class InvalidMessageError(PostroomError):
 
 class DeliveryLimitExceededError(PostroomError):
     """The broker dead-lettered a message after repeated deliveries (workers crashed on it)."""
+
+
+class InvalidFilterError(PostroomError):
+    """An ops filter is malformed (a bad time, an unknown status or reason); nothing was done."""
+
+
+class UnknownDeadLetterError(PostroomError):
+    """Ids given to an ops command name no dead letter; nothing was changed."""
+
+    def __init__(self, ids: list[int]) -> None:
+        shown = ", ".join(str(i) for i in ids[:20]) + (" ..." if len(ids) > 20 else "")
+        super().__init__(f"no dead letter with id {shown}")
+        self.ids = ids
+
+
+class TableBusyError(PostroomError):
+    """Upkeep gave up waiting for a lock rather than queue behind it and stall the hot path."""

@@ -1,0 +1,240 @@
+"""Shared pieces of the ops commands, and ``outbox status``, ``prune`` and ``audit``.
+
+The ops commands (these and ``postroom dead-letters``, in :mod:`postroom.cli_dead_letters`)
+print tables for people, JSON for scripts (``--json``), progress bars on stderr. Exit codes:
+
+- 0: done; everything selected was acted on (``list``, ``show`` and ``status`` answered).
+- 1: nothing matched, or some selected dead letters were not acted on (refused, held by
+  the loop guard, already resolved); ``outbox status --max-lag`` exceeded.
+- 2: usage: bad options or filters, unknown ids, purge without ``--yes``, bad settings.
+- 3: the database could not be reached or refused (not migrated? wrong URL? locked?).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from postroom.errors import ConfigError, PostroomError, TableBusyError
+from postroom.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+T = TypeVar("T")
+
+outbox_app = typer.Typer(no_args_is_help=True, help="Look at the outbox.")
+
+Since = Annotated[
+    str | None, typer.Option(help="Since: ISO time (UTC unless offset) or age: 90m, 2d.")
+]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would happen; change nothing.")]
+
+Actor = Annotated[
+    str | None, typer.Option(help="Who acts, for the audit trail (default: the OS user).")
+]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print *message* to stderr and exit with *code* (as postroom.cli does)."""
+    typer.secho(f"postroom: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def run(work: Callable[[Settings, AsyncEngine], Awaitable[T]]) -> T:
+    """Run *work* against the configured database; map failures to exit codes."""
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        fail(str(exc))
+
+    async def main() -> T:
+        engine = create_async_engine(
+            settings.database_url.get_secret_value(),
+            pool_size=2,
+            connect_args={"server_settings": {"application_name": "postroom-ops"}},
+        )
+        try:
+            return await work(settings, engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(main())
+    except TableBusyError as exc:
+        fail(str(exc), 3)
+    except PostroomError as exc:
+        fail(str(exc))
+    except DBAPIError as exc:
+        hint = ""
+        if getattr(exc.orig, "sqlstate", None) in ("42P01", "3F000"):
+            hint = f" (is schema {settings.schema_name!r} migrated? run `postroom migrate`)"
+        fail(f"database error: {str(exc.orig).strip()}{hint}", 3)
+    except OSError as exc:
+        fail(f"cannot reach the database: {exc}", 3)
+
+
+def actor_or_user(actor: str | None) -> str:
+    if actor:
+        return actor
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name in some containers
+        return "unknown"
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if cell is None else str(cell) for cell in row))
+    Console(highlight=False).print(table)
+
+
+def when(value: Any) -> str:
+    return f"{value:%Y-%m-%d %H:%M:%S}"
+
+
+@outbox_app.command()
+def status(
+    max_lag: Annotated[
+        float | None, typer.Option(help="Exit 1 if the oldest due row waited longer (seconds).")
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Show pending outbox rows per topic, the oldest one's wait and publish errors."""
+    from postroom.upkeep import outbox_status
+
+    state = run(lambda s, e: outbox_status(e, s.schema_name))
+    if as_json:
+        print_json(state.as_json())
+    else:
+        typer.echo(
+            f"due {state.due}, scheduled {state.scheduled}, errored {state.errored}, "
+            f"retries and replays {state.direct}; oldest due row waiting "
+            f"{state.oldest_due_seconds:.1f}s"
+        )
+        if state.topics:
+            rows = [
+                (t.topic, t.due, t.scheduled, t.errored, f"{t.oldest_due_seconds:.1f}")
+                for t in state.topics
+            ]
+            print_table(None, ("topic", "due", "scheduled", "errored", "oldest due (s)"), rows)
+        if state.failures:
+            failures = [
+                (f.id, f.topic, f.routing_key, f.attempts, when(f.available_at), f.last_error)
+                for f in state.failures
+            ]
+            columns = ("id", "topic", "routing key", "attempts", "next try", "last error")
+            print_table("latest publish errors", columns, failures)
+    if max_lag is not None and state.oldest_due_seconds > max_lag:
+        raise typer.Exit(1)
+
+
+def prune(
+    dry_run: DryRun = False,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=50_000, help="Rows per transaction.")
+    ] = 1000,
+    inbox_days: Annotated[
+        float | None, typer.Option(min=0, help="Inbox dedupe window (default: settings).")
+    ] = None,
+    dead_letter_days: Annotated[
+        float | None,
+        typer.Option(min=0, help="Keep replayed/purged dead letters (default: settings)."),
+    ] = None,
+    lock_timeout: Annotated[
+        float, typer.Option(min=0.01, help="Seconds to wait for a lock before backing off.")
+    ] = 2.0,
+    actor: Actor = None,
+    as_json: Json = False,
+) -> None:
+    """Delete old inbox rows and old replayed/purged dead letters, in small batches.
+
+    Safe beside running relays and workers: schedule it, hourly say.
+    """
+    from postroom.upkeep import prune as run_prune
+
+    def work(settings: Settings, engine: AsyncEngine) -> Awaitable[Any]:
+        inbox = settings.inbox_retention_days if inbox_days is None else inbox_days
+        letters = settings.dead_letter_retention_days
+        return run_prune(
+            engine,
+            settings.schema_name,
+            actor=actor_or_user(actor),
+            dry_run=dry_run,
+            inbox_retention=timedelta(days=inbox),
+            dead_letter_retention=timedelta(
+                days=letters if dead_letter_days is None else dead_letter_days
+            ),
+            batch_size=batch_size,
+            lock_timeout=timedelta(seconds=lock_timeout),
+        )
+
+    report = run(work)
+    if as_json:
+        print_json(report.as_json())
+        return
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(
+        f"{verb} {report.inbox} inbox rows processed before {when(report.inbox_before)} and "
+        f"{report.dead_letters} dead letters resolved before {when(report.dead_letters_before)}"
+    )
+
+
+def audit(
+    action: Annotated[
+        str | None, typer.Option(help="dead_letters.replay, dead_letters.purge or prune.")
+    ] = None,
+    actor: Annotated[str | None, typer.Option(help="Only this actor's.")] = None,
+    since: Since = None,
+    target: Annotated[int | None, typer.Option("--id", help="Only rows naming this id.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many rows.")] = 50,
+    as_json: Json = False,
+) -> None:
+    """List what the ops commands changed, who did it and when, newest first."""
+    from postroom.audit import Action, entries
+    from postroom.triage import parse_time
+
+    if action is not None and action not in {a.value for a in Action}:
+        fail(f"unknown action {action!r}; known: {', '.join(a.value for a in Action)}")
+    try:
+        start = parse_time(since, name="--since") if since else None
+    except PostroomError as exc:
+        fail(str(exc))
+    found = run(
+        lambda s, e: entries(
+            e, s.schema_name, action=action, actor=actor, since=start, target=target, limit=limit
+        )
+    )
+    if as_json:
+        print_json({"audit": [entry.as_json() for entry in found]})
+        return
+    rows = []
+    for entry in found:
+        ids = ", ".join(map(str, entry.target_ids[:8])) + (
+            " ..." if len(entry.target_ids) > 8 else ""
+        )
+        details = json.dumps(entry.details, default=str)
+        rows.append(
+            (entry.id, when(entry.at), entry.actor, entry.action, entry.count, ids, details)
+        )
+    print_table(None, ("id", "at", "actor", "action", "count", "ids", "details"), rows)
