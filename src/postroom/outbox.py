@@ -6,13 +6,14 @@ the event exists exactly when the caller's own writes commit.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, literal, select
+from sqlalchemy import Interval, bindparam, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from postroom.errors import InvalidMessageError, MessageTooLargeError, NotInTransactionError
@@ -123,17 +124,51 @@ class Outbox:
             "correlation_id": message.correlation_id,
             "occurred_at": message.occurred_at,
         }
-        if delay is not None and delay > timedelta(0):
-            values["available_at"] = func.now() + literal(delay)
-        statement: Any = insert(outbox).values(values)
-        if self.notify and not _notified(session):
-            # One round trip: the INSERT rides in a CTE of the NOTIFY. One NOTIFY per
-            # transaction, because each one serialises commits on the notify queue.
-            statement = select(func.pg_notify(notify_channel(self.schema), "")).add_cte(
-                statement.cte("postroom_outbox_insert")
-            )
+        delayed = delay is not None and delay > timedelta(0)
+        if delayed:
+            values["delay"] = delay
+        notify = self.notify and not _notified(session)
+        statement = _insert_statement(self.schema if notify else None, delayed=delayed)
         translate = {"schema_translate_map": schema_map(self.schema)}
-        await connection.execute(statement, execution_options=translate)
+        await connection.execute(statement, values, execution_options=translate)
+
+
+@functools.cache
+def _insert_statement(notify_schema: str | None, *, delayed: bool) -> Any:
+    """The outbox INSERT with bound parameters, built once per shape.
+
+    Building ``insert().values(...)`` per call cost more client CPU than the rest of a
+    one-row transaction (docs/performance.md); a prebuilt statement also keeps
+    SQLAlchemy's compiled cache to one entry per shape.
+    """
+    columns = [c.name for c in outbox.columns if c.name in _WRITTEN]
+    values: dict[str, Any] = {name: bindparam(name, type_=outbox.c[name].type) for name in columns}
+    if delayed:
+        values["available_at"] = func.now() + bindparam("delay", type_=Interval())
+    statement: Any = insert(outbox).values(values)
+    if notify_schema is not None:
+        # One round trip: the INSERT rides in a CTE of the NOTIFY. One NOTIFY per
+        # transaction, because each one serialises commits on the notify queue.
+        statement = select(func.pg_notify(notify_channel(notify_schema), "")).add_cte(
+            statement.cte("postroom_outbox_insert")
+        )
+    return statement
+
+
+_WRITTEN = frozenset(
+    (
+        "message_id",
+        "topic",
+        "ordering_key",
+        "exchange",
+        "routing_key",
+        "headers",
+        "body",
+        "content_type",
+        "correlation_id",
+        "occurred_at",
+    )
+)
 
 
 def _notified(session: AsyncSession) -> bool:
