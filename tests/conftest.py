@@ -34,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", help="run the long fault scenarios too")
+    parser.addoption(
+        "--seed", type=int, default=None, help="replay the fault scenarios with this seed"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

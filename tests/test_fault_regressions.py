@@ -5,14 +5,19 @@ Each test pins one bug down deterministically, without the randomness of a scena
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import text
 
-from postroom import rabbit
+from postroom import Outbox, rabbit
 from postroom.outage import is_outage
+from postroom.worker import Worker
+from tests.apps.faultapp import APPLY, Entry, router
 from tests.faults import servers
-from tests.helpers import eventually
+from tests.faults.workload import declare_topology, delete_queues, prepare_schema
+from tests.helpers import eventually, running_relay, running_worker
 
 
 async def test_publishing_on_a_channel_the_broker_closed_is_an_outage(amqp_url, names):
@@ -42,3 +47,50 @@ async def test_publishing_on_a_channel_the_broker_closed_is_an_outage(amqp_url, 
     finally:
         if not connection.is_closed:
             await connection.close()
+
+
+async def test_ordered_consumer_handover_keeps_key_order(settings, sessions):
+    """Bug: a worker stopping (or reconnecting) cancelled its single-active-consumer
+    subscription first and then drained. The broker handed the queue to the standby
+    worker at once, while the first still held unacked messages of the key; the standby
+    applied later messages before those came back (per-key order broken). Now an ordered
+    queue is never cancelled and its unacked messages are never rejected one by one: the
+    closing channel returns them all, in delivery order, before the standby starts.
+    """
+    amqp_url = settings.amqp_url.get_secret_value()
+    await prepare_schema(settings.asyncpg_dsn, settings.schema_name)
+    await delete_queues(amqp_url)
+    small = settings.model_copy(update={"worker_prefetch": 4, "shutdown_timeout": 10.0})
+    await declare_topology(small)
+    box = Outbox.from_settings(small)
+    async with sessions() as session, session.begin():
+        for seq in range(1, 21):
+            slow = 1.5 if seq == 1 else 0.0
+            await box.publish(session, Entry(key="k", seq=seq, sleep=slow), key="k")
+    try:
+        async with running_relay(small):
+            first = Worker(small, router)
+            stop_first = asyncio.Event()
+            first_task = asyncio.create_task(first.run(stop_first))
+            await eventually(lambda: first.ready)
+            await asyncio.sleep(0.5)  # it holds seq 1..4; seq 1 is in its slow handler
+            async with running_worker(small, router):
+                stop_first.set()  # a rolling deploy: the first worker stops gracefully
+                await asyncio.wait_for(first_task, 30)
+                await eventually(lambda: _applied(sessions, small), timeout=30)
+            order = await _applied(sessions, small)
+    finally:
+        await delete_queues(amqp_url)
+    assert order == list(range(1, 21)), f"per-key commit order: {order}"
+
+
+async def _applied(sessions, settings) -> list[int] | None:
+    async with sessions() as session:
+        result = await session.execute(
+            text(
+                f'SELECT seq FROM "{settings.schema_name}".fault_effects '
+                f"WHERE consumer = '{APPLY}' ORDER BY position"
+            )
+        )
+        seqs = [row[0] for row in result.all()]
+    return seqs if len(seqs) == 20 else None

@@ -183,7 +183,12 @@ class Worker:
             await channel.set_qos(prefetch_count=settings.worker_prefetch)
             live = await channel.get_queue(consumer.name, ensure=False)
             tag = await live.consume(self._callback(consumer, pipeline, dead=False))
-            self._queues.append((live, tag))
+            if not consumer.ordered:
+                # An ordered (single-active-consumer) queue is never cancelled: a cancel
+                # hands it to the next consumer while our unacked messages are still out,
+                # and those would then overtake them. Closing the channel returns them
+                # first (see _requeue).
+                self._queues.append((live, tag))
             dead = await channel.get_queue(f"{consumer.name}.dead", ensure=False)
             tag = await dead.consume(self._callback(consumer, pipeline, dead=True))
             self._queues.append((dead, tag))
@@ -365,6 +370,12 @@ class Worker:
             consumer=consumer.name,
             reason=why,
         )
+        if consumer.ordered:
+            # Left unacked on purpose: we only requeue when the channel is about to close,
+            # and a closing channel returns all its unacked messages at once, in delivery
+            # order, ahead of the queue, before the next active consumer starts. A message
+            # rejected alone would be delivered again behind those that followed it.
+            return
         with contextlib.suppress(Exception):  # a closed channel requeues by itself
             await incoming.reject(requeue=True)
 

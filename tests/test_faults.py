@@ -1,0 +1,327 @@
+"""Fault-injection scenarios: real relays and workers under faults, then the history check.
+
+Each scenario commits a bounded workload while injecting its faults, heals, waits for the
+backlog to drain (the liveness bound), stops the fleet and checks the whole history:
+lost 0, phantom 0, applied twice 0, dead letters exactly the poison set, per-key order for
+the ordered consumer. ``pytest -s`` shows each scenario's table and figures.
+
+The default set is short (CI); ``--long`` adds the long mixed run (docs/guarantees.md);
+``--seed N`` (or FAULTS_SEED=N) replays a scenario's fault sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from postroom import faults as points
+from postroom.settings import Settings
+from postroom.tables import metadata, schema_map
+from tests.faults import chaos, servers
+from tests.faults.proxy import FaultProxy
+from tests.faults.workload import (
+    Chaos,
+    Fault,
+    Figures,
+    Fleet,
+    Writers,
+    check,
+    declare_topology,
+    delete_queues,
+    drain,
+    fresh_seed,
+    inject,
+    prepare_schema,
+    read_history,
+)
+
+FLEET_ENV = {"POSTROOM_WORKER_CONCURRENCY": "8"}
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    value = fresh_seed(request.config.getoption("--seed"))
+    print(f"\nfault seed: {value} (replay with --seed {value})")
+    return value
+
+
+@dataclass
+class Stage:
+    """What a scenario runs against."""
+
+    procs: Settings
+    """Settings of the relay and worker processes (maybe through proxies)."""
+    writer_url: str
+    """SQLAlchemy URL for the writers (maybe through a proxy)."""
+    dsn: str
+    """Direct asyncpg DSN (superuser) to the run's database: checks and backend kills."""
+    amqp_url: str
+    """Direct URL of the test vhost: topology and close_all_connections."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.fixture
+async def stage(settings: Settings) -> AsyncIterator[Stage]:
+    """The shared services, a fresh schema with the ledger tables, clean app queues."""
+    amqp_url = settings.amqp_url.get_secret_value()
+    await prepare_schema(settings.asyncpg_dsn, settings.schema_name)
+    await delete_queues(amqp_url)
+    yield Stage(
+        procs=settings,
+        writer_url=settings.database_url.get_secret_value(),
+        dsn=settings.asyncpg_dsn,
+        amqp_url=amqp_url,
+    )
+    await delete_queues(amqp_url)
+
+
+def via(url: str, proxy: FaultProxy) -> str:
+    """*url* with its host and port replaced by the proxy's."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{proxy.host}:{proxy.port}"))
+
+
+@pytest.fixture
+async def proxied(stage: Stage) -> AsyncIterator[Stage]:
+    """The shared services behind two FaultProxies (Postgres, RabbitMQ), writers included."""
+    pg = urlsplit(stage.dsn)
+    amqp = urlsplit(stage.amqp_url)
+    async with (
+        FaultProxy(pg.hostname or "127.0.0.1", pg.port or 5432) as pg_proxy,
+        FaultProxy(amqp.hostname or "127.0.0.1", amqp.port or 5672) as amqp_proxy,
+    ):
+        database_url = via(stage.procs.database_url.get_secret_value(), pg_proxy)
+        yield Stage(
+            procs=stage.procs.model_copy(
+                update={
+                    "database_url": SecretStr(database_url),
+                    "amqp_url": SecretStr(via(stage.amqp_url, amqp_proxy)),
+                }
+            ),
+            writer_url=database_url,
+            dsn=stage.dsn,
+            amqp_url=stage.amqp_url,
+            extra={"pg_proxy": pg_proxy, "amqp_proxy": amqp_proxy},
+        )
+
+
+@pytest.fixture
+async def private(settings: Settings, names: str) -> AsyncIterator[Stage]:
+    """A private RabbitMQ node and PostgreSQL cluster, free to crash and restart."""
+    rabbit = servers.PrivateRabbit()
+    postgres = servers.PrivatePostgres()
+    try:
+        await asyncio.gather(rabbit.start(), postgres.init())
+        amqp_url = await rabbit.add_vhost(f"postroom-test-{names}")
+        conn = await asyncpg.connect(postgres.dsn(), timeout=10)
+        try:
+            await conn.execute("CREATE DATABASE postroom_faults")
+        finally:
+            await conn.close()
+        dsn = postgres.dsn("postroom_faults")
+        database_url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+        engine = create_async_engine(database_url)
+        async with engine.begin() as conn2:
+            await conn2.execute(text(f'CREATE SCHEMA "{settings.schema_name}"'))
+            translate = schema_map(settings.schema_name)
+            await conn2.run_sync(
+                lambda sync: metadata.create_all(
+                    sync.execution_options(schema_translate_map=translate)
+                )
+            )
+        await engine.dispose()
+        await prepare_schema(dsn, settings.schema_name)
+        yield Stage(
+            procs=settings.model_copy(
+                update={
+                    "database_url": SecretStr(database_url),
+                    "amqp_url": SecretStr(amqp_url),
+                }
+            ),
+            writer_url=database_url,
+            dsn=dsn,
+            amqp_url=amqp_url,
+            extra={"rabbit": rabbit, "postgres": postgres},
+        )
+    finally:
+        await asyncio.gather(rabbit.destroy(), postgres.destroy())
+
+
+async def run_scenario(
+    name: str,
+    stage: Stage,
+    logdir: Path,
+    *,
+    seed: int,
+    messages: int,
+    duration: float,
+    faults: Sequence[Fault],
+    gap: tuple[float, float],
+    relays: int = 2,
+    workers: int = 2,
+    drain_timeout: float = 90.0,
+    min_faults: int = 1,
+    writers: dict[str, Any] | None = None,
+    cycle: bool = False,
+) -> Figures:
+    """Run one scenario end to end and assert every invariant; return its figures."""
+    rng = random.Random(seed)
+    settings = stage.procs
+    schema = settings.schema_name
+    await declare_topology(settings, stage.amqp_url)
+    fleet = Fleet(settings, logdir, **FLEET_ENV)
+    ctx = Chaos(
+        rng=rng, fleet=fleet, amqp_url=stage.amqp_url, admin_dsn=stage.dsn, extra=stage.extra
+    )
+    producer = Writers(stage.writer_url, settings, seed=rng.randrange(1 << 30), **(writers or {}))
+    started = time.monotonic()
+    fleet.start(relays, workers)
+    try:
+        production = asyncio.create_task(producer.run(messages, duration))
+        try:
+            await inject(ctx, faults, until=production.done, gap=gap, cycle=cycle)
+        finally:
+            if not production.done():
+                production.cancel()
+            ledger = await production
+        chaos.heal(ctx)
+        drained = await drain(stage.dsn, schema, ledger, timeout=drain_timeout)
+    finally:
+        await fleet.stop()
+    histories = await read_history(stage.dsn, schema, fleet.deliveries())
+    report = check(ledger, histories)
+    figures = Figures(
+        scenario=name,
+        seed=seed,
+        seconds=time.monotonic() - started,
+        drain_seconds=drained,
+        faults=ctx.injected,
+        report=report,
+        writer_errors=ledger.errors,
+        restarts=fleet.restarts,
+    )
+    print(f"\n{report.table()}\n{figures.summary()}")
+    assert not fleet.unexpected, "processes exited unexpectedly:\n" + "\n".join(fleet.unexpected)
+    assert report.ok, report.table()
+    assert report.total.dead == 2 * len(ledger.poison), "both consumers dead-letter each poison"
+    assert sum(ctx.injected.values()) >= min_faults, f"too few faults injected: {ctx.log}"
+    assert report.committed >= messages // 2, "most of the workload should have committed"
+    return figures
+
+
+async def test_sigkill_relays_and_workers_at_random(stage, tmp_path, seed):
+    await run_scenario(
+        "sigkill",
+        stage,
+        tmp_path,
+        seed=seed,
+        messages=600,
+        duration=12,
+        faults=[chaos.kill_relay, chaos.kill_worker],
+        gap=(0.8, 2.0),
+        min_faults=4,
+        cycle=True,
+    )
+
+
+async def test_sigkill_at_named_crash_points(stage, tmp_path, seed):
+    """Extra processes armed with every named point join in rounds and die at their point."""
+    figures = await run_scenario(
+        "crash-points",
+        stage,
+        tmp_path,
+        seed=seed,
+        messages=500,
+        duration=12,
+        faults=[chaos.crash_at_all(sorted(points.POINTS), timeout=20)],
+        gap=(0.2, 0.5),
+        writers={"poison_every": 13},
+        min_faults=6,
+    )
+    reached = {kind.split(":", 1)[1] for kind in figures.faults if kind.startswith("crash_at:")}
+    assert reached == points.POINTS, f"points never reached: {points.POINTS - reached}"
+
+
+async def test_broker_connection_closes_and_backend_kills(stage, tmp_path, seed):
+    await run_scenario(
+        "server-kills",
+        stage,
+        tmp_path,
+        seed=seed,
+        messages=600,
+        duration=12,
+        faults=[chaos.close_connections, chaos.terminate_backends],
+        gap=(0.8, 2.0),
+        min_faults=4,
+        cycle=True,
+    )
+
+
+async def test_network_faults_through_proxies(proxied, tmp_path, seed):
+    await run_scenario(
+        "proxy",
+        proxied,
+        tmp_path,
+        seed=seed,
+        messages=600,
+        duration=18,
+        faults=[*chaos.proxy_faults("pg"), *chaos.proxy_faults("amqp")],
+        gap=(0.3, 1.0),
+        min_faults=4,
+        cycle=True,
+    )
+
+
+async def test_private_servers_alarm_and_restarts(private, tmp_path, seed):
+    await run_scenario(
+        "private-servers",
+        private,
+        tmp_path,
+        seed=seed,
+        messages=500,
+        duration=20,
+        faults=[chaos.postgres_crash, chaos.broker_alarm, chaos.broker_restart],
+        gap=(1.0, 2.0),
+        min_faults=3,
+        drain_timeout=120,
+        cycle=True,
+    )
+
+
+MIXED_SHORT = [
+    chaos.kill_relay,
+    chaos.kill_worker,
+    chaos.crash_at(points.RELAY_AFTER_CONFIRM),
+    chaos.crash_at(points.WORKER_AFTER_COMMIT),
+    chaos.close_connections,
+    chaos.terminate_backends,
+    *chaos.proxy_faults("pg"),
+    *chaos.proxy_faults("amqp"),
+]
+
+
+async def test_mixed_faults_short(proxied, tmp_path, seed):
+    await run_scenario(
+        "mixed-short",
+        proxied,
+        tmp_path,
+        seed=seed,
+        messages=800,
+        duration=18,
+        faults=MIXED_SHORT,
+        gap=(0.3, 1.2),
+        min_faults=6,
+    )
