@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import ColumnElement, SQLColumnExpression, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -352,10 +353,12 @@ def render(summary: Summary, console: Console) -> None:
     )
     table.add_row("dead letters", str(len(summary.dead_letters)))
     for letter in summary.dead_letters:
+        _, _, message = letter.error.partition(": ")  # the type is in the reason, mostly
+        tries = f"{letter.attempts} attempt{'s' if letter.attempts != 1 else ''}"
         table.add_row(
             "",
-            f"[red]{letter.consumer}[/]  order {letter.order_id}  {letter.reason} after "
-            f"{letter.attempts} attempt{'s' if letter.attempts != 1 else ''}: {letter.error}",
+            f"[red]{letter.consumer}[/] order {letter.order_id}, {letter.reason} after {tries}: "
+            f"{escape(message or letter.error)}",
         )
     table.add_row(
         "throughput",
