@@ -641,3 +641,32 @@ async def test_replay_of_a_message_over_the_size_limit_is_refused(settings, sess
             execution_options={"schema_translate_map": schema_map(schema)},
         )
     assert status == "dead"
+
+
+def test_every_command_in_the_runbook_parses():
+    """docs/operations.md shows real commands: each one's subcommand and options exist."""
+    import re
+    import shlex
+
+    import typer
+    from typer.core import TyperGroup
+
+    from tests.conftest import ROOT
+
+    runbook = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```bash\n(.*?)^```", runbook, re.MULTILINE | re.DOTALL)
+    parsed = []
+    for line in "\n".join(blocks).splitlines():
+        words = shlex.split(line, comments=True)
+        if not words or words[0] != "postroom":
+            continue
+        command: Any = typer.main.get_command(cli_app)
+        context = command.make_context("postroom", words[1:])
+        while isinstance(command, TyperGroup):
+            rest = [*getattr(context, "_protected_args", []), *context.args]
+            name, sub, rest = command.resolve_command(context, rest)
+            assert sub is not None and name is not None, line
+            command, context = sub, sub.make_context(name, rest, parent=context)
+        parsed.append(context.command_path)
+    assert len(parsed) >= 15
+    assert {"postroom prune", "postroom audit", "postroom outbox status"} <= set(parsed)

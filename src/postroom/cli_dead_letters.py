@@ -56,6 +56,9 @@ Ids = Annotated[list[int] | None, typer.Argument(help="Dead-letter ids.", show_d
 All = Annotated[bool, typer.Option("--all", help="Select every dead letter (no filter).")]
 Limit = Annotated[int | None, typer.Option(min=1, help="At most this many.")]
 
+SHOWN = 50
+"""Rows of a replay or purge report shown to people; --json has them all."""
+
 
 def _filters(
     consumer: str | None,
@@ -116,19 +119,18 @@ def list_(
             x.id,
             when(x.created_at),
             x.consumer,
-            x.topic,
             x.reason,
-            f"{x.error_type}: {x.error_message}"[:120],
+            f"{x.error_type}: {x.error_message}"[:300],
             x.attempts,
             x.replays,
             x.status,
         )
         for x in page.letters
     ]
-    columns = ("id", "dead since", "consumer", "topic", "reason", "error", "att", "rep", "status")
-    print_table(None, columns, rows)
+    columns = ("id", "dead since", "consumer", "reason", "error", "att", "rep", "status")
+    print_table(None, columns, rows, fixed=("id", "dead since", "att", "rep", "status"))
     if page.next_before is not None:
-        typer.echo(f"more: --before {page.next_before}", err=True)
+        typer.echo(f"older ones: --before {page.next_before}")
 
 
 @dead_letters_app.command()
@@ -157,14 +159,14 @@ def groups(
             g.consumer,
             g.error_type,
             g.shape,
-            when(g.first_seen),
-            when(g.last_seen),
+            f"{g.first_seen:%m-%d %H:%M}",
+            f"{g.last_seen:%m-%d %H:%M}",
             g.latest_id,
         )
         for g in found
     ]
     columns = ("count", "consumer", "error type", "message shape", "first", "last", "latest id")
-    print_table(None, columns, rows)
+    print_table(None, columns, rows, fixed=("count", "first", "last", "latest id"))
 
 
 @dead_letters_app.command()
@@ -241,12 +243,16 @@ def _report(report: Report, as_json: bool) -> None:
         counts = ", ".join(
             f"{len(report.ids(v))} {verb}{v.value}" for v in Verdict if report.ids(v)
         )
-        shown = [(i.id, i.consumer, i.message_id, i.verdict.value, i.detail) for i in report.items]
+        # What was not acted on comes first: that is what needs a person.
+        items = sorted(report.items, key=lambda i: i.verdict in (Verdict.REPLAYED, Verdict.PURGED))
+        shown = [(i.id, i.consumer, i.message_id, i.verdict.value, i.detail) for i in items]
         if shown:
             title = "dry run: nothing changed" if report.dry_run else None
-            print_table(title, ("id", "consumer", "message id", "verdict", "detail"), shown[:200])
-        if len(shown) > 200:
-            typer.echo(f"... and {len(shown) - 200} more (see --json)")
+            columns = ("id", "consumer", "message id", "verdict", "detail")
+            fixed = ("id", "message id", "verdict")
+            print_table(title, columns, shown[:SHOWN], fixed=fixed)
+        if len(shown) > SHOWN:
+            typer.echo(f"... and {len(shown) - SHOWN} more (see --json)")
         typer.echo(counts or "no dead letter matched", err=not counts)
     if not report.complete:
         raise typer.Exit(1)

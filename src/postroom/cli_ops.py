@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -97,20 +97,29 @@ def print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
 
-def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def print_table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    fixed: Sequence[str] = (),
+) -> None:
+    """Print a table to stdout; the *fixed* columns (ids, times, counts) never wrap."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     for column in columns:
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=column in fixed, overflow="fold")
     for row in rows:
         table.add_row(*("" if cell is None else str(cell) for cell in row))
     Console(highlight=False).print(table)
 
 
 def when(value: Any) -> str:
-    return f"{value:%Y-%m-%d %H:%M:%S}"
+    """A time, short: UTC to the second, as stored."""
+    return f"{value:%m-%d %H:%M:%S}"
 
 
 @outbox_app.command()
@@ -137,14 +146,23 @@ def status(
                 (t.topic, t.due, t.scheduled, t.errored, f"{t.oldest_due_seconds:.1f}")
                 for t in state.topics
             ]
-            print_table(None, ("topic", "due", "scheduled", "errored", "oldest due (s)"), rows)
+            print_table(
+                None,
+                ("topic", "due", "scheduled", "errored", "oldest due (s)"),
+                rows,
+                fixed=("due", "scheduled", "errored", "oldest due (s)"),
+            )
         if state.failures:
             failures = [
                 (f.id, f.topic, f.routing_key, f.attempts, when(f.available_at), f.last_error)
                 for f in state.failures
             ]
-            columns = ("id", "topic", "routing key", "attempts", "next try", "last error")
-            print_table("latest publish errors", columns, failures)
+            print_table(
+                "latest publish errors",
+                ("id", "topic", "routing key", "attempts", "next try", "last error"),
+                failures,
+                fixed=("id", "attempts", "next try"),
+            )
     if max_lag is not None and state.oldest_due_seconds > max_lag:
         raise typer.Exit(1)
 
@@ -195,8 +213,9 @@ def prune(
         return
     verb = "would delete" if dry_run else "deleted"
     typer.echo(
-        f"{verb} {report.inbox} inbox rows processed before {when(report.inbox_before)} and "
-        f"{report.dead_letters} dead letters resolved before {when(report.dead_letters_before)}"
+        f"{verb} {report.inbox} inbox rows processed before {report.inbox_before:%Y-%m-%d %H:%M} "
+        f"and {report.dead_letters} dead letters resolved before "
+        f"{report.dead_letters_before:%Y-%m-%d %H:%M} (UTC)"
     )
 
 
@@ -233,8 +252,22 @@ def audit(
         ids = ", ".join(map(str, entry.target_ids[:8])) + (
             " ..." if len(entry.target_ids) > 8 else ""
         )
-        details = json.dumps(entry.details, default=str)
+        details = _flat(entry.details)
         rows.append(
             (entry.id, when(entry.at), entry.actor, entry.action, entry.count, ids, details)
         )
-    print_table(None, ("id", "at", "actor", "action", "count", "ids", "details"), rows)
+    columns = ("id", "at", "actor", "action", "count", "ids", "details")
+    print_table(None, columns, rows, fixed=columns[:5])
+
+
+def _flat(details: Mapping[str, Any], prefix: str = "") -> str:
+    """Audit details on one line: ``run=8b52920e consumer=billing.x error_type=Timeout``."""
+    parts = []
+    for key, value in details.items():
+        if isinstance(value, Mapping):
+            parts.append(_flat(value))
+        elif key == "run":
+            parts.append(f"run={str(value)[:8]}")
+        elif not key.endswith("_before"):
+            parts.append(f"{key}={json.dumps(value) if isinstance(value, list) else value}")
+    return " ".join(part for part in parts if part)

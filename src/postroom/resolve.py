@@ -255,7 +255,7 @@ def _verdict(
     if row.replays >= max_replays and not force:
         detail = f"replayed {row.replays} times already and failed again; fix it, then force"
         return item(Verdict.LOOP_GUARD, detail), None
-    return item(Verdict.REPLAYED, f"to queue {row.consumer}"), message
+    return item(Verdict.REPLAYED), message
 
 
 async def _select(

@@ -275,5 +275,11 @@ async def _audit(
             action=Action.PRUNE,
             target_ids=[],
             count=report.inbox + report.dead_letters,
-            details={**report.as_json(), "batch_size": batch_size},
+            details={
+                "inbox": report.inbox,
+                "dead_letters": report.dead_letters,
+                "inbox_before": report.inbox_before.isoformat(),
+                "dead_letters_before": report.dead_letters_before.isoformat(),
+                "batch_size": batch_size,
+            },
         )
