@@ -138,9 +138,11 @@ class Child:
     log: Path
 
     def check_alive(self) -> None:
-        if self.process.returncode is not None:
+        code = self.process.returncode
+        if code is not None:
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited ({code})"
             raise DemoError(
-                f"the {self.name} exited with code {self.process.returncode}; "
+                f"the {self.name} {how} before the demo was done; "
                 f"the end of its log ({self.log}):\n{self.tail()}"
             )
 
@@ -376,7 +378,7 @@ class Demo:
         )
         logs = ", ".join(str(path) for path in self.logs.values())
         return (
-            f"gave up {timeout:.0f} s after the last order: {behind or 'every consumer is done'}; "
+            f"gave up {timeout:g} s after the last order: {behind or 'every consumer is done'}; "
             f"{state.pending} shop messages are still in the outbox. Logs: {logs}"
         )
 
