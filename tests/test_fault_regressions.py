@@ -11,8 +11,11 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import text
 
-from postroom import Outbox, rabbit
+from postroom import Outbox, Router, rabbit
+from postroom.dispatch import Outcome, Pipeline, dispatch
+from postroom.message import Delivery, Message, uuid7
 from postroom.outage import is_outage
+from postroom.router import Context
 from postroom.worker import Worker
 from tests.apps.faultapp import APPLY, Entry, router
 from tests.faults import servers
@@ -94,3 +97,45 @@ async def _applied(sessions, settings) -> list[int] | None:
         )
         seqs = [row[0] for row in result.all()]
     return seqs if len(seqs) == 20 else None
+
+
+async def test_handler_losing_its_database_connection_is_requeued_not_retried(
+    settings, engine, sessions
+):
+    """Bug: when the handler's transaction lost its connection (pg_terminate_backend, a
+    server restart, a network cut) dispatch took it for a handler failure: it wrote a retry
+    row (the message stepped out of key order) and burned an attempt (enough blips made a
+    healthy message an 'exhausted' dead letter). Now dispatch raises, so the worker
+    requeues, and the redelivery is attempt 1 again."""
+    await prepare_schema(settings.asyncpg_dsn, settings.schema_name)
+    calls: list[int] = []
+    selfkill = Router()
+
+    @selfkill.consumer("regress.selfkill", Entry, max_attempts=1)
+    async def handler(event: Entry, ctx: Context) -> None:
+        calls.append(ctx.attempt)
+        if len(calls) == 1:  # the first time, our own backend is killed under us
+            await ctx.session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+    pipeline = Pipeline(
+        sessions=sessions,
+        outbox=Outbox.from_settings(settings),
+        max_body_bytes=settings.max_body_bytes,
+    )
+    message = Message(
+        message_id=uuid7(),
+        topic=Entry.topic,
+        body=Entry(key="k", seq=1).model_dump_json().encode(),
+        occurred_at=datetime.now(UTC),
+    )
+    consumer = selfkill["regress.selfkill"]
+    with pytest.raises(Exception) as caught:
+        await dispatch(Delivery.of(message), consumer, pipeline)
+    assert is_outage(caught.value)
+    async with sessions() as session:
+        schema = settings.schema_name
+        outbox = await session.scalar(text(f'SELECT count(*) FROM "{schema}".outbox'))
+        dead = await session.scalar(text(f'SELECT count(*) FROM "{schema}".dead_letters'))
+    assert (outbox, dead) == (0, 0), "neither a retry row nor a dead letter"
+    result = await dispatch(Delivery.of(message), consumer, pipeline)  # the redelivery
+    assert result.outcome is Outcome.ACKED and calls == [1, 1]

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import structlog
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from postroom import deadletters, faults, inbox
@@ -116,6 +118,11 @@ async def dispatch(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeli
                 return _result(Outcome.DUPLICATE, message)
             await _run_handler(session, decoded, consumer, pipeline)
     except Exception as exc:
+        if _database_lost(exc):
+            # Not the handler failing: our transaction lost its connection, so nothing is
+            # known (even COMMIT may have happened). Raise, so the worker requeues; a retry
+            # here would burn an attempt and step out of key order for a database blip.
+            raise
         return await _settle_alone(_failure(message, consumer, exc), consumer, pipeline)
     return _result(Outcome.ACKED, message)
 
@@ -376,6 +383,34 @@ def _delivery_count(headers: Any) -> int | None:
         if isinstance(count, int):
             return count
     return None
+
+
+_DATABASE_LOST: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+
+def _database_lost(exc: BaseException) -> bool:
+    """Return True if *exc*, or an exception it chains, is a lost database connection.
+
+    Narrower than ``outage.is_outage`` on purpose: a handler's own ``TimeoutError`` or
+    ``OSError`` (a payment provider timing out) is a failed attempt to retry, while a
+    transaction whose connection died (backend killed, server restarting, network cut)
+    has no known outcome and must not count as one.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, _DATABASE_LOST):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _result(outcome: Outcome, message: Message, **extra: Any) -> Result:
