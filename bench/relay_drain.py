@@ -21,11 +21,16 @@ from pathlib import Path
 
 import aio_pika
 import asyncpg
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
 
 from bench import payload
 from bench.env import EXCHANGE, TOPIC, BenchEnv, CpuMeter, cpu_delta
 from bench.procs import services
 from bench.report import Figure, Results
+from postroom import rabbit
 
 WINDOW = 500  # the relay's default batch size: confirms in flight at once
 BASE = "raw publish, confirms"
@@ -62,6 +67,99 @@ async def raw_publish(env: BenchEnv, n: int, *, confirms: bool, window: int = WI
         messages=n,
         seconds=round(seconds, 3),
         baseline=None if name == BASE else BASE,
+        extra={"queue": queue_stats},
+    ).with_cpu(cpu_delta(before, after))
+
+
+def _outgoing(i: int) -> rabbit.Outgoing:
+    m = payload.message(i)
+    return rabbit.Outgoing(
+        exchange=EXCHANGE,
+        routing_key=TOPIC,
+        body=m.body,
+        message_id=str(m.message_id),
+        topic=m.topic,
+        timestamp=m.occurred_at,
+        content_type=m.content_type,
+        correlation_id=m.correlation_id,
+        headers=m.amqp_headers(),
+    )
+
+
+async def frames_publish(env: BenchEnv, n: int, *, window: int = WINDOW) -> Figure:
+    """The floor of client work: a window's frames marshalled and written at once,
+    no confirms, straight onto the aiormq channel (what no library call goes below)."""
+    meter = CpuMeter(env.database)
+    connection = await aio_pika.connect(env.amqp_url)
+    try:
+        await payload.declare_sink(connection)
+        channel = await connection.channel(publisher_confirms=False)
+        raw = await channel.get_underlay_channel()
+        method = spec.Basic.Publish(exchange=EXCHANGE, routing_key=TOPIC, mandatory=True)
+        async with payload.purging(connection) as queue_stats:
+            before = meter.snapshot()
+            started = time.perf_counter()
+            for start in range(0, n, window):
+                frames: list[object] = []
+                for i in range(start, min(start + window, n)):
+                    out = _outgoing(i)
+                    frames += (
+                        method,
+                        ContentHeader(properties=rabbit._properties(out), body_size=len(out.body)),
+                        ContentBody(out.body),
+                    )
+                drained = raw.create_future()
+                await raw.write_queue.put(
+                    ChannelFrame.marshall(
+                        channel_number=raw.number, frames=frames, drain_future=drained
+                    )
+                )
+                await drained
+            await channel.close()  # the close handshake follows every publish frame
+            seconds = time.perf_counter() - started
+            after = meter.snapshot()
+    finally:
+        await connection.close()
+    return Figure(
+        "relay",
+        "raw frames, no confirms (ceiling)",
+        n / seconds,
+        "msg/s",
+        messages=n,
+        seconds=round(seconds, 3),
+        baseline=BASE,
+        extra={"queue": queue_stats},
+    ).with_cpu(cpu_delta(before, after))
+
+
+async def publisher_alone(env: BenchEnv, n: int, *, window: int = WINDOW) -> Figure:
+    """postroom's ConfirmingPublisher without the database: what the relay adds on top."""
+    meter = CpuMeter(env.database)
+    connection = await rabbit.connect(env.amqp_url, name="bench-publisher")
+    try:
+        await payload.declare_sink(connection)
+        publisher = await rabbit.ConfirmingPublisher.open(connection)
+        async with payload.purging(connection) as queue_stats:
+            before = meter.snapshot()
+            started = time.perf_counter()
+            for start in range(0, n, window):
+                batch = [_outgoing(i) for i in range(start, min(start + window, n))]
+                outcomes = await publisher.publish_many(batch)
+                if any(outcomes):
+                    raise RuntimeError(f"publish failed: {next(o for o in outcomes if o)}")
+            seconds = time.perf_counter() - started
+            after = meter.snapshot()
+        await publisher.close()
+    finally:
+        await connection.close()
+    return Figure(
+        "relay",
+        "postroom publisher, no database",
+        n / seconds,
+        "msg/s",
+        messages=n,
+        seconds=round(seconds, 3),
+        baseline=BASE,
         extra={"queue": queue_stats},
     ).with_cpu(cpu_delta(before, after))
 
@@ -159,25 +257,56 @@ async def _stop_py_spy(proc: asyncio.subprocess.Process) -> None:
 
 async def run(env: BenchEnv, results: Results, *, quick: bool, profile: Path | None) -> None:
     n = 20_000 if quick else 100_000
-    print(f"relay drain: {n} rows, window {WINDOW}", flush=True)
+    rounds = 1 if quick else 2
+    print(f"relay drain: {n} rows, window {WINDOW}, {rounds} round(s)", flush=True)
     results.notes["relay"] = {
         "rows": n,
         "window": WINDOW,
+        "rounds": rounds,
         "body_bytes": payload.BODY_BYTES,
         "queue": "one durable quorum queue, purged every 0.5 s while publishing",
     }
-    results.add(await raw_publish(env, n, confirms=False))
-    first = results.add(await raw_publish(env, n, confirms=True))
-    for relays in (1, 2, 4):
-        results.add(await relay_drain(env, n, relays=relays))
-    results.add(await relay_drain(env, n, relays=1, keys=1000))
-    last = await raw_publish(env, n, confirms=True)
-    # The baseline is the mean of the first and last confirms runs; both are kept.
-    first.extra["runs"] = [round(first.value, 1), round(last.value, 1)]
-    first.value = (first.value + last.value) / 2
-    first.seconds = round(first.seconds + last.seconds, 3)
-    first.messages += last.messages
-    first.with_cpu({k: first.cpu.get(k, 0) + v for k, v in last.cpu.items()})
-    print(f"  relay    {BASE} (last run)              {last.value:10.1f} msg/s", flush=True)
+    variants = [
+        lambda: frames_publish(env, n),
+        lambda: raw_publish(env, n, confirms=False),
+        lambda: raw_publish(env, n, confirms=True),
+        lambda: publisher_alone(env, n),
+        lambda: relay_drain(env, n, relays=1),
+        lambda: relay_drain(env, n, relays=2),
+        lambda: relay_drain(env, n, relays=4),
+        lambda: relay_drain(env, n, relays=1, keys=1000),
+    ]
+    runs: dict[str, list[Figure]] = {}
+    for round_ in range(rounds):
+        # Alternate the order each round, so a drift in machine load hits both ends.
+        for variant in variants if round_ % 2 == 0 else variants[::-1]:
+            figure = await variant()
+            runs.setdefault(figure.name, []).append(figure)
+            print(f"  relay    {figure.name:34} {figure.value:10.1f} msg/s", flush=True)
+    for figures in runs.values():
+        results.figures.append(merge(figures))
     if profile is not None:
         results.add(await relay_drain(env, n, relays=1, profile_to=profile))
+
+
+def merge(figures: list[Figure]) -> Figure:
+    """One figure from repeated runs: total messages over total time, runs kept."""
+    first = figures[0]
+    if len(figures) == 1:
+        return first
+    messages = sum(f.messages for f in figures)
+    seconds = sum(f.seconds for f in figures)
+    cpu: dict[str, float] = {}
+    for f in figures:
+        for key, value in f.cpu.items():
+            cpu[key] = round(cpu.get(key, 0.0) + value, 3)
+    return Figure(
+        first.phase,
+        first.name,
+        messages / seconds,
+        first.unit,
+        messages=messages,
+        seconds=round(seconds, 3),
+        baseline=first.baseline,
+        extra={**first.extra, "runs": [round(f.value, 1) for f in figures]},
+    ).with_cpu(cpu)

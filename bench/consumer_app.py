@@ -1,0 +1,34 @@
+"""The benchmark's consumer: one-row domain write per message, stamped when handled.
+
+Run by ``python -m postroom worker bench.consumer_app:router`` in the consumer and
+end-to-end phases. ``handled_at`` (wall clock, seconds) gives both the rate (first to
+last handled) and, joined with the load generator's commit times, the latency.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import BigInteger, Column, Double, MetaData, Table, insert
+
+from bench.payload import BenchOrder
+from postroom import Context, Router
+
+CONSUMER = "bench.consumer"
+
+domain = MetaData()
+consumed = Table(
+    "bench_consumed",
+    domain,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("order_id", BigInteger, nullable=False),
+    Column("handled_at", Double, nullable=False),
+)
+INSERT = insert(consumed)
+
+router = Router()
+
+
+@router.consumer(CONSUMER, BenchOrder, max_attempts=3)
+async def handle(event: BenchOrder, ctx: Context) -> None:
+    await ctx.session.execute(INSERT, {"order_id": event.order_id, "handled_at": time.time()})
