@@ -1,0 +1,147 @@
+"""Phase 4, end to end: commit -> handler latency at fixed offered rates.
+
+A relay (``python -m postroom relay``) and a worker (``python -m postroom worker
+bench.consumer_app:router``) run throughout; for each offered rate the load generator
+(``bench.loadgen``, its own process) commits one-row transactions with one publish()
+each and records when each COMMIT returned; the handler stamps when it ran. Latency
+is the difference per order id. Two series: NOTIFY wake-up (relay poll interval 1 s
+as a fallback only) and polling every 100 ms with ``Outbox(notify=False)``.
+A rate is sustained when every message was handled within the phase and p99 < 50 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from bench import write_path
+from bench.consumer_app import domain
+from bench.env import BenchEnv, CpuMeter, cpu_delta
+from bench.procs import services
+from bench.report import Figure, Results
+
+SERIES = {"notify": ("1", "1.0"), "poll 100 ms": ("0", "0.1")}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
+
+
+async def one_rate(
+    env: BenchEnv, series: str, rate: int, seconds: float, first: int, pids: list[int]
+) -> Figure:
+    notify, _ = SERIES[series]
+    meter = CpuMeter(env.database)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "commits.json"
+        before = meter.snapshot(pids)
+        gen = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            env.database_url,
+            str(rate),
+            str(seconds),
+            str(first),
+            notify,
+            str(out),
+        )
+        await gen.wait()
+        if gen.returncode != 0:
+            raise RuntimeError(f"load generator failed ({gen.returncode})")
+        report = json.loads(out.read_text())
+    commits = {order_id: t for order_id, t in report["commits"]}
+    conn = await asyncpg.connect(env.dsn)
+    try:
+        deadline = time.time() + 15.0
+        while time.time() < deadline:
+            handled = await conn.fetchval(
+                "SELECT count(*) FROM bench_consumed WHERE order_id >= $1", first
+            )
+            if handled >= len(commits):
+                break
+            await asyncio.sleep(0.2)
+        after = meter.snapshot(pids)
+        rows = await conn.fetch(
+            "SELECT order_id, handled_at FROM bench_consumed WHERE order_id >= $1", first
+        )
+        # Leave nothing behind for the next rate: a backlog would inflate its latency.
+        await conn.execute("TRUNCATE bench_consumed, postroom.inbox, postroom.outbox")
+    finally:
+        await conn.close()
+    latencies = sorted(
+        (r["handled_at"] - commits[r["order_id"]]) * 1000 for r in rows if r["order_id"] in commits
+    )
+    complete = len(latencies) >= len(commits)
+    p50, p95, p99 = (
+        (_quantile(latencies, q) for q in (0.5, 0.95, 0.99)) if len(latencies) > 10 else (0, 0, 0)
+    )
+    return Figure(
+        "e2e",
+        f"{series} @ {rate}/s",
+        p99,
+        "ms p99",
+        messages=len(latencies),
+        seconds=seconds,
+        extra={
+            "series": series,
+            "offered": rate,
+            "achieved": round(report["achieved"], 1),
+            "p50": round(p50, 2),
+            "p95": round(p95, 2),
+            "p99": round(p99, 2),
+            "handled": len(latencies),
+            "committed": len(commits),
+            "sustained": complete and p99 < 50,
+        },
+    ).with_cpu(cpu_delta(before, after))
+
+
+async def run(env: BenchEnv, results: Results, *, quick: bool) -> None:
+    rates = [100, 500, 1000] if quick else [100, 500, 1000, 2000]
+    seconds = 3.0 if quick else 6.0
+    print(f"e2e: offered rates {rates}, {seconds:.0f} s each", flush=True)
+    results.notes["e2e"] = {"rates": rates, "seconds_per_rate": seconds}
+    engine = create_async_engine(env.database_url)
+    async with engine.begin() as conn:
+        await conn.run_sync(domain.create_all)
+        await conn.run_sync(write_path.domain.create_all)
+    await engine.dispose()
+    first = 1_000_000
+    for series, (_, poll) in SERIES.items():
+        async with (
+            services(
+                env,
+                ["relay"],
+                ready_marker="relay.connected",
+                extra_env={"POSTROOM_POLL_INTERVAL": poll},
+            ) as relays,
+            services(
+                env, ["worker", "bench.consumer_app:router"], ready_marker="worker.consuming"
+            ) as workers,
+        ):
+            pids = [p.pid for p in (*relays, *workers)]
+            for rate in rates:
+                figure = await one_rate(env, series, rate, seconds, first, pids)
+                first += 1_000_000
+                results.add(figure)
+                x = figure.extra
+                print(
+                    f"           p50 {x['p50']} ms, p95 {x['p95']} ms, handled "
+                    f"{x['handled']}/{x['committed']}, achieved {x['achieved']}/s",
+                    flush=True,
+                )
+    sustained = [
+        f.extra["offered"]
+        for f in results.phase("e2e")
+        if f.extra["series"] == "notify" and f.extra["sustained"]
+    ]
+    results.notes["e2e"]["highest_sustained_notify"] = max(sustained) if sustained else None
