@@ -116,6 +116,7 @@ async def raw_consume(env: BenchEnv, n: int, *, mode: str) -> Figure:
         await channel.set_qos(prefetch_count=BATCH * 2 if mode == "batch" else PREFETCH)
         queue = await channel.get_queue(RAW_QUEUE, ensure=False)
         slots = asyncio.Semaphore(CONCURRENCY)
+        ordered = asyncio.Lock()
         pending: list[aio_pika.abc.AbstractIncomingMessage] = []
         tasks: set[asyncio.Task[None]] = set()
 
@@ -138,7 +139,9 @@ async def raw_consume(env: BenchEnv, n: int, *, mode: str) -> Figure:
             batch, pending[:] = list(pending), []
             if not batch:
                 return
-            async with slots:
+            # One batch at a time (the lock is FIFO): an ack with multiple=True must
+            # never cover an earlier batch that has not committed yet.
+            async with ordered:
                 rows = [(int(m.body[12 : m.body.index(b",")]), time.time()) for m in batch]
                 async with pool.acquire() as conn, conn.transaction():
                     await conn.executemany(INSERT, rows)
