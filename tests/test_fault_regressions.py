@@ -139,3 +139,59 @@ async def test_handler_losing_its_database_connection_is_requeued_not_retried(
     assert (outbox, dead) == (0, 0), "neither a retry row nor a dead letter"
     result = await dispatch(Delivery.of(message), consumer, pipeline)  # the redelivery
     assert result.outcome is Outcome.ACKED and calls == [1, 1]
+
+
+async def test_hostile_envelopes_become_dead_letters_not_a_requeue_loop(settings, sessions):
+    """Bug (found by the decoder fuzz): a message whose headers or properties held a NUL
+    character or a non-finite float could not be stored (Postgres text and jsonb refuse
+    them; jsonb also refuses NaN), and an infinite ``postroom-attempt`` escaped the
+    decoder as OverflowError. dispatch raised, the worker requeued and reconnected, and
+    got the same message first again: one hostile message stalled the consumer for
+    good. Now such values are stored replaced, and every one of these is a dead letter
+    (or a retry row) on the first delivery."""
+    await prepare_schema(settings.asyncpg_dsn, settings.schema_name)
+    failing = Router()
+
+    @failing.consumer("regress.hostile", Entry, max_attempts=2)
+    async def handler(event: Entry, ctx: Context) -> None:
+        raise RuntimeError("fail, so a retry row with these headers is written")
+
+    pipeline = Pipeline(
+        sessions=sessions,
+        outbox=Outbox.from_settings(settings),
+        max_body_bytes=settings.max_body_bytes,
+    )
+    consumer = failing["regress.hostile"]
+    good_body = Entry(key="k", seq=1).model_dump_json().encode()
+    hostile = [
+        Delivery(body=b"{}", message_id="nul\x00id", type="faults.entry"),
+        Delivery(body=b"{}", message_id=None, type="t\x00pe", content_type="x\x00"),
+        Delivery(
+            body=b"x",
+            message_id=str(uuid7()),
+            type="faults.entry",
+            content_type="application/json",
+            headers={"k\x00": "v\x00", "nan": float("nan"), "deep": {"inf": float("inf")}},
+        ),
+        Delivery(
+            body=good_body,
+            message_id=str(uuid7()),
+            type="faults.entry",
+            content_type="application/json",
+            headers={"postroom-attempt": float("inf"), "postroom-replays": float("inf")},
+        ),
+        Delivery(
+            body=good_body,
+            message_id=str(uuid7()),
+            type="faults.entry",
+            content_type="application/json",
+            headers={"note": "a\x00b", "ratio": float("nan"), "postroom-replays": 10**30},
+        ),
+    ]
+    outcomes = [(await dispatch(d, consumer, pipeline)).outcome for d in hostile]
+    assert outcomes == [Outcome.DEAD] * 4 + [Outcome.RETRY]
+    async with sessions() as session:
+        schema = settings.schema_name
+        dead = await session.scalar(text(f'SELECT count(*) FROM "{schema}".dead_letters'))
+        retries = await session.scalar(text(f'SELECT count(*) FROM "{schema}".outbox'))
+    assert (dead, retries) == (4, 1)

@@ -18,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from postroom.message import json_safe
 from postroom.tables import dead_letters, schema_map
 
 MAX_TRACEBACK_CHARS = 8000
@@ -89,20 +90,21 @@ async def record(session: AsyncSession, letter: DeadLetter, *, schema: str) -> b
     statement = (
         insert(dead_letters)
         .values(
+            # Text columns cannot hold NUL, which undecodable messages may carry anywhere.
             consumer=letter.consumer,
-            message_id=letter.message_id,
-            topic=letter.topic,
+            message_id=_text(letter.message_id),
+            topic=_text(letter.topic),
             reason=letter.reason.value,
-            error_type=letter.error_type,
-            error_message=letter.error_message,
-            traceback=letter.traceback,
+            error_type=_text(letter.error_type),
+            error_message=_text(letter.error_message),
+            traceback=_text(letter.traceback),
             attempts=letter.attempts,
             first_failed_at=letter.first_failed_at,
             last_failed_at=letter.last_failed_at,
-            headers=dict(letter.headers),
+            headers=json_safe(dict(letter.headers)),
             body=letter.body,
-            content_type=letter.content_type,
-            correlation_id=letter.correlation_id,
+            content_type=_text(letter.content_type),
+            correlation_id=_text(letter.correlation_id),
             replays=_replays(letter.headers),
         )
         .on_conflict_do_nothing(
@@ -117,8 +119,12 @@ async def record(session: AsyncSession, letter: DeadLetter, *, schema: str) -> b
     return result.first() is not None
 
 
+def _text(value: str | None) -> str | None:
+    return None if value is None else value.replace("\x00", "\ufffd")
+
+
 def _replays(headers: Mapping[str, Any]) -> int:
     try:
-        return max(0, int(headers.get("postroom-replays") or 0))
-    except (TypeError, ValueError):
+        return max(0, min(int(headers.get("postroom-replays") or 0), 2**31 - 1))
+    except (TypeError, ValueError, OverflowError):
         return 0

@@ -9,6 +9,7 @@ Nothing here imports a broker client, so web processes can publish cheaply.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import uuid
@@ -134,7 +135,7 @@ def decode_amqp(
         attempt = attempt.decode("ascii", "replace")
     try:
         attempt = int(attempt)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
         raise DecodeError(f"header {H_ATTEMPT} is not an integer: {attempt!r}") from None
     if attempt < 1:
         raise DecodeError(f"header {H_ATTEMPT} must be >= 1, got {attempt}")
@@ -181,11 +182,21 @@ def _as_str(value: Any) -> str | None:
 
 
 def _header_value(value: Any) -> HeaderValue:
-    if value is None or isinstance(value, str | int | float | bool):
+    if isinstance(value, str | float):
+        return _storable(value)
+    if value is None or isinstance(value, int | bool):
         return value
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
+        return _storable(value.decode("utf-8", "replace"))
+    return _storable(str(value))
+
+
+def _storable(value: str | float) -> str | float:
+    """Return *value* as PostgreSQL can store it in text or jsonb: no NUL character
+    (neither type can hold one), no NaN or infinity (jsonb refuses them)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    return value if math.isfinite(value) else str(value)
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -242,15 +253,21 @@ class Delivery:
 
 
 def json_safe(value: Any) -> Any:
-    """Convert AMQP header values (bytes, datetimes, nested tables) to JSON-storable ones."""
-    if value is None or isinstance(value, str | int | float | bool):
+    """Convert AMQP header values (bytes, datetimes, nested tables) to JSON-storable ones.
+
+    Storable in PostgreSQL's jsonb too: NUL characters and non-finite floats, which a
+    foreign producer may well send, are replaced (see :func:`_storable`).
+    """
+    if isinstance(value, str | float):
+        return _storable(value)
+    if value is None or isinstance(value, int | bool):
         return value
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+        return _storable(value.decode("utf-8", "replace"))
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {_storable(str(k)): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return str(value)
