@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import text
 
 from postroom import Outbox, Router, rabbit
@@ -19,7 +21,8 @@ from postroom.router import Context
 from postroom.worker import Worker
 from tests.apps.faultapp import APPLY, Entry, router
 from tests.faults import servers
-from tests.faults.workload import declare_topology, delete_queues, prepare_schema
+from tests.faults.proxy import FaultProxy
+from tests.faults.workload import declare_topology, delete_queues, prepare_schema, via
 from tests.helpers import eventually, running_relay, running_worker
 
 
@@ -195,3 +198,65 @@ async def test_hostile_envelopes_become_dead_letters_not_a_requeue_loop(settings
         dead = await session.scalar(text(f'SELECT count(*) FROM "{schema}".dead_letters'))
         retries = await session.scalar(text(f'SELECT count(*) FROM "{schema}".outbox'))
     assert (dead, retries) == (4, 1)
+
+
+async def test_flapping_broker_link_does_not_burn_delivery_limits(settings, sessions):
+    """Bug (found by the long mixed run, 123 healthy messages dead-lettered): when every
+    new broker connection was cut shortly after it opened, the worker reconnected in a
+    tight loop (its backoff only covered failed connects). Each cycle returned its
+    prefetched messages and RabbitMQ counted every return towards x-delivery-limit, so
+    within a second or two healthy messages became `delivery_limit` dead letters. Now
+    short-lived sessions back off exponentially before reconnecting."""
+    amqp_url = settings.amqp_url.get_secret_value()
+    await prepare_schema(settings.asyncpg_dsn, settings.schema_name)
+    await delete_queues(amqp_url)
+    limited = settings.model_copy(update={"delivery_limit": 10, "worker_prefetch": 8})
+    await declare_topology(limited)
+    box = Outbox.from_settings(limited)
+    async with sessions() as session, session.begin():
+        for seq in range(1, 41):
+            await box.publish(session, Entry(key=f"k{seq % 4}", seq=seq), key=f"k{seq % 4}")
+    target = urlsplit(amqp_url)
+    try:
+        async with FaultProxy(target.hostname or "127.0.0.1", target.port or 5672) as proxy:
+            proxied = limited.model_copy(update={"amqp_url": SecretStr(via(amqp_url, proxy))})
+            async with running_relay(limited):
+                await eventually(lambda: _outbox_empty(sessions, limited), timeout=30)
+            proxy.cut_after(3000)  # every connection dies a few frames after its handshake
+            worker = Worker(proxied, router)
+            stop = asyncio.Event()
+            task = asyncio.create_task(worker.run(stop))
+            try:
+                await asyncio.sleep(6)
+                flaps = worker.stats.reconnects
+                proxy.heal()
+                await eventually(lambda: _settled(sessions, limited, 40), timeout=60)
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 30)
+    finally:
+        await delete_queues(amqp_url)
+    async with sessions() as session:
+        reasons = (
+            await session.execute(text(f'SELECT reason FROM "{limited.schema_name}".dead_letters'))
+        ).all()
+    assert reasons == [], f"healthy messages dead-lettered: {reasons} after {flaps} flaps"
+    assert 1 <= flaps <= 9, f"{flaps} reconnects in 6 s of flapping"
+
+
+async def _outbox_empty(sessions, settings) -> bool:
+    async with sessions() as session:
+        left = await session.scalar(text(f'SELECT count(*) FROM "{settings.schema_name}".outbox'))
+    return left == 0
+
+
+async def _settled(sessions, settings, count: int) -> bool:
+    schema = settings.schema_name
+    async with sessions() as session:
+        seen = await session.scalar(
+            text(
+                f'SELECT count(*) FROM (SELECT consumer, message_id FROM "{schema}".fault_effects '
+                f'UNION SELECT consumer, message_id::uuid FROM "{schema}".dead_letters) AS s'
+            )
+        )
+    return seen == 2 * count

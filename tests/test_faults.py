@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -45,6 +45,7 @@ from tests.faults.workload import (
     inject,
     prepare_schema,
     read_history,
+    via,
 )
 
 FLEET_ENV = {"POSTROOM_WORKER_CONCURRENCY": "8"}
@@ -85,13 +86,6 @@ async def stage(settings: Settings) -> AsyncIterator[Stage]:
         amqp_url=amqp_url,
     )
     await delete_queues(amqp_url)
-
-
-def via(url: str, proxy: FaultProxy) -> str:
-    """*url* with its host and port replaced by the proxy's."""
-    parts = urlsplit(url)
-    userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-    return urlunsplit(parts._replace(netloc=f"{userinfo}{proxy.host}:{proxy.port}"))
 
 
 @pytest.fixture
@@ -158,6 +152,28 @@ async def private(settings: Settings, names: str) -> AsyncIterator[Stage]:
         )
     finally:
         await asyncio.gather(rabbit.destroy(), postgres.destroy())
+
+
+@pytest.fixture
+async def private_proxied(private: Stage) -> AsyncIterator[Stage]:
+    """The private servers, each behind a FaultProxy: every fault kind applies at once."""
+    async with (
+        FaultProxy("127.0.0.1", private.extra["postgres"].port) as pg_proxy,
+        FaultProxy("127.0.0.1", private.extra["rabbit"].port) as amqp_proxy,
+    ):
+        database_url = via(private.procs.database_url.get_secret_value(), pg_proxy)
+        yield Stage(
+            procs=private.procs.model_copy(
+                update={
+                    "database_url": SecretStr(database_url),
+                    "amqp_url": SecretStr(via(private.amqp_url, amqp_proxy)),
+                }
+            ),
+            writer_url=database_url,
+            dsn=private.dsn,
+            amqp_url=private.amqp_url,
+            extra={**private.extra, "pg_proxy": pg_proxy, "amqp_proxy": amqp_proxy},
+        )
 
 
 async def run_scenario(
@@ -325,3 +341,34 @@ async def test_mixed_faults_short(proxied, tmp_path, seed):
         gap=(0.3, 1.2),
         min_faults=6,
     )
+
+
+MIXED_LONG = [
+    *MIXED_SHORT,
+    chaos.crash_at(points.WORKER_IN_HANDLER),
+    chaos.crash_at(points.WORKER_AFTER_RETRY_COMMIT),
+    chaos.crash_at(points.WORKER_AFTER_DEAD_LETTER_COMMIT),
+    chaos.broker_alarm,
+    chaos.broker_restart,
+    chaos.postgres_crash,
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+async def test_mixed_faults_long(private_proxied, tmp_path, seed):
+    """The figures in docs/guarantees.md: >= 20k messages, >= 50 faults of every kind,
+    on a private broker and database (so restarts are allowed) behind fault proxies."""
+    figures = await run_scenario(
+        "mixed-long",
+        private_proxied,
+        tmp_path,
+        seed=seed,
+        messages=23_500,
+        duration=300,
+        faults=MIXED_LONG,
+        gap=(1.5, 4.0),
+        min_faults=50,
+        drain_timeout=600,
+    )
+    assert figures.report.committed >= 20_000, "the long run must commit at least 20k messages"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -118,8 +119,11 @@ class Worker:
             max_body_bytes=settings.max_body_bytes,
             crash_at=settings.crash_at,
         )
+        loop = asyncio.get_running_loop()
+        short_sessions = 0
         try:
             while not stop.is_set():
+                started = loop.time()
                 try:
                     await self._wait_until_reachable(engine, stop)
                     if stop.is_set():
@@ -132,6 +136,15 @@ class Worker:
                     log.warning("worker.outage", error=f"{type(exc).__name__}: {exc}"[:300])
                 finally:
                     await self._close(stop.is_set())
+                # A link that connects and drops at once (a flapping network, a proxy cutting
+                # every connection) must not be reconnected in a tight loop: every cycle
+                # returns the prefetched messages, and the broker counts each return
+                # towards x-delivery-limit, so healthy messages would become dead letters.
+                short_sessions = short_sessions + 1 if loop.time() - started < 10 else 0
+                if short_sessions and not stop.is_set():
+                    pause = min(5.0, 0.25 * 2**short_sessions) * (0.5 + random.random() / 2)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), pause)
         finally:
             await engine.dispose()
 

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
@@ -587,6 +588,13 @@ def check(ledger: Ledger, histories: Iterable[ConsumerHistory]) -> HistoryReport
     return check_history(
         ledger.committed, ledger.rolled_back, histories, indeterminate=ledger.indeterminate
     )
+
+
+def via(url: str, proxy: Any) -> str:
+    """*url* with its host and port replaced by those of *proxy* (a FaultProxy)."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{proxy.host}:{proxy.port}"))
 
 
 def fresh_seed(option: int | None) -> int:
