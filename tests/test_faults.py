@@ -238,6 +238,7 @@ async def run_scenario(
     return figures
 
 
+@pytest.mark.timeout(300)  # the liveness bound is asserted inside, tighter
 async def test_sigkill_relays_and_workers_at_random(stage, tmp_path, seed):
     await run_scenario(
         "sigkill",
@@ -253,6 +254,7 @@ async def test_sigkill_relays_and_workers_at_random(stage, tmp_path, seed):
     )
 
 
+@pytest.mark.timeout(300)  # the liveness bound is asserted inside, tighter
 async def test_sigkill_at_named_crash_points(stage, tmp_path, seed):
     """Extra processes armed with every named point join in rounds and die at their point."""
     figures = await run_scenario(
@@ -271,6 +273,7 @@ async def test_sigkill_at_named_crash_points(stage, tmp_path, seed):
     assert reached == points.POINTS, f"points never reached: {points.POINTS - reached}"
 
 
+@pytest.mark.timeout(300)  # the liveness bound is asserted inside, tighter
 async def test_broker_connection_closes_and_backend_kills(stage, tmp_path, seed):
     await run_scenario(
         "server-kills",
@@ -286,6 +289,7 @@ async def test_broker_connection_closes_and_backend_kills(stage, tmp_path, seed)
     )
 
 
+@pytest.mark.timeout(300)  # the liveness bound is asserted inside, tighter
 async def test_network_faults_through_proxies(proxied, tmp_path, seed):
     await run_scenario(
         "proxy",
@@ -301,6 +305,7 @@ async def test_network_faults_through_proxies(proxied, tmp_path, seed):
     )
 
 
+@pytest.mark.timeout(300)  # the liveness bound is asserted inside, tighter
 async def test_private_servers_alarm_and_restarts(private, tmp_path, seed):
     await run_scenario(
         "private-servers",
@@ -329,6 +334,7 @@ MIXED_SHORT = [
 ]
 
 
+@pytest.mark.timeout(300)  # the liveness bound is asserted inside, tighter
 async def test_mixed_faults_short(proxied, tmp_path, seed):
     await run_scenario(
         "mixed-short",
