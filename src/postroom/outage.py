@@ -23,6 +23,9 @@ _AWAY: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    # A backend killed while idle leaves the protocol consuming an error that never
+    # ends; the next query raises this. The connection is unusable: reconnect.
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.QueryCanceledError,
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
