@@ -78,13 +78,13 @@ def worker(
     _configure_logs(settings)
     from postroom.loader import load_router
     from postroom.process import run_service
-    from postroom.worker import work_forever
+    from postroom.service import run_worker
 
     try:
         loaded = load_router(router)
     except PostroomError as exc:
         fail(str(exc))
-    run_service(lambda stop: work_forever(settings, loaded, stop))
+    run_service(lambda stop: run_worker(settings, loaded, stop))
 
 
 @app.command()

@@ -19,7 +19,9 @@ from postroom import backlog
 from postroom.health import HealthServer, ReadyCheck
 from postroom.metrics import Metrics
 from postroom.relay import Relay
+from postroom.router import Router
 from postroom.settings import Settings
+from postroom.worker import Worker
 
 log = structlog.get_logger("postroom.service")
 
@@ -137,3 +139,29 @@ async def run_relay(
             relay.run(stop), stop, grace=settings.shutdown_timeout, name="postroom-relay"
         )
     log.info("relay.stopped", published=relay.stats.published, failed=relay.stats.failed)
+
+
+async def run_worker(
+    settings: Settings,
+    router: Router,
+    stop: asyncio.Event,
+    *,
+    metrics: Metrics | None = None,
+    health_port: int | None = None,
+) -> None:
+    """Be the ``postroom worker`` process until *stop* is set.
+
+    Runs the worker and the health server. ``/readyz`` is 200 while the worker consumes
+    with both dependencies reachable and 503 once draining; the worker itself gives
+    in-flight handlers ``settings.shutdown_timeout`` and requeues the rest.
+    """
+    metrics = metrics if metrics is not None else Metrics()
+    worker = Worker(settings, router, metrics=metrics)
+
+    def ready() -> str | None:
+        return None if worker.ready else "worker is not consuming"
+
+    log.info("worker.starting", settings=settings.describe(), consumers=[c.name for c in router])
+    async with serving(settings, ready=ready, metrics=metrics, stop=stop, port=health_port):
+        await worker.run(stop)
+    log.info("worker.stopped", outcomes=worker.stats.outcomes, requeued=worker.stats.requeued)
