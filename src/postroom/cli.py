@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -190,6 +191,9 @@ app.command()(cli_ops.audit)
 
 def main() -> None:
     """Console-script entry point."""
+    # A SIGTERM during start-up (imports, settings) has nothing to drain: exit 0 at once.
+    # The running service replaces this with its own handler that drains first.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         app()
     except KeyboardInterrupt:
