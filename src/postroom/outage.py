@@ -38,6 +38,14 @@ _AWAY: tuple[type[BaseException], ...] = (
 
 def is_outage(exc: BaseException) -> bool:
     """Return True if *exc* means the database or the broker is unreachable for now."""
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        # SQLAlchemy wraps driver errors it cannot map (e.g. "the database system is not
+        # yet accepting connections" during a restart) in a plain DBAPIError: look inside.
+        orig = getattr(exc.orig, "__cause__", None) or exc.orig
+        if isinstance(orig, BaseException) and orig is not exc and is_outage(orig):
+            return True
+        if isinstance(exc.__cause__, BaseException) and is_outage(exc.__cause__):
+            return True
     return isinstance(exc, _AWAY)

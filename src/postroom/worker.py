@@ -110,7 +110,9 @@ class Worker:
             settings.database_url.get_secret_value(),
             pool_size=settings.worker_concurrency + 2,
             max_overflow=4,
-            pool_pre_ping=True,
+            # No ping per checkout (a round trip per message): a dead connection fails
+            # the dispatch, the message is requeued and the worker reconnects.
+            pool_pre_ping=False,
             connect_args={"server_settings": {"application_name": self._name}},
         )
         pipeline = self._pipeline = Pipeline(
