@@ -23,7 +23,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--long", action="store_true", help="include the 10-minute steady-state phase"
     )
     parser.add_argument(
-        "--profile", action="store_true", help="also drain once under py-spy (relay phase)"
+        "--profile", action="store_true", help="also run under py-spy (relay, consumer)"
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     return parser.parse_args(argv)
@@ -45,7 +45,8 @@ async def run_phases(env: BenchEnv, args: argparse.Namespace, results: Results) 
         elif phase == "consumer":
             from bench import consume
 
-            await consume.run(env, results, quick=args.quick)
+            profile = args.out / f"consumer-profile-{stamp}.txt" if args.profile else None
+            await consume.run(env, results, quick=args.quick, profile=profile)
         elif phase == "e2e":
             from bench import e2e
 

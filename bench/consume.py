@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aio_pika
 import asyncpg
@@ -28,7 +29,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bench import payload
 from bench.consumer_app import CONSUMER, consumed, domain
 from bench.env import EXCHANGE, BenchEnv, CpuMeter, cpu_delta
-from bench.procs import services
+from bench.procs import services, start_py_spy, stop_py_spy
 from bench.report import Figure, Results
 from postroom import rabbit
 
@@ -201,7 +202,9 @@ async def raw_consume(env: BenchEnv, n: int, *, mode: str) -> Figure:
     ).with_cpu(cpu_delta(before, after))
 
 
-async def worker_consume(env: BenchEnv, n: int, *, batch: int = 1) -> Figure:
+async def worker_consume(
+    env: BenchEnv, n: int, *, batch: int = 1, profile_to: Path | None = None
+) -> Figure:
     await _reset(env)
     await fill(env, CONSUMER, n)
     meter = CpuMeter(env.database)
@@ -217,6 +220,7 @@ async def worker_consume(env: BenchEnv, n: int, *, batch: int = 1) -> Figure:
         extra_env=extra_env,
     ) as procs:
         pids = [p.pid for p in procs]
+        spy = await start_py_spy(pids[0], profile_to) if profile_to else None
         before = meter.snapshot(pids)
         deadline = time.time() + max(180.0, n / 30)
         while True:
@@ -229,7 +233,12 @@ async def worker_consume(env: BenchEnv, n: int, *, batch: int = 1) -> Figure:
                 raise RuntimeError("worker died:\n" + "\n".join(procs[0].lines[-15:]))
             await asyncio.sleep(0.1)
         after = meter.snapshot(pids)
+        if spy is not None:
+            await stop_py_spy(spy)
     name = "postroom worker" + (f", batch {batch}" if batch > 1 else "")
+    if profile_to:
+        name += " (under py-spy)"
+
     return Figure(
         "consumer",
         name,
@@ -242,7 +251,7 @@ async def worker_consume(env: BenchEnv, n: int, *, batch: int = 1) -> Figure:
     ).with_cpu(cpu_delta(before, after))
 
 
-async def run(env: BenchEnv, results: Results, *, quick: bool) -> None:
+async def run(env: BenchEnv, results: Results, *, quick: bool, profile: Path | None = None) -> None:
     n = 5_000 if quick else 20_000
     print(
         f"consumer: {n} messages per variant, prefetch {PREFETCH}, concurrency {CONCURRENCY}",
@@ -272,5 +281,10 @@ async def run(env: BenchEnv, results: Results, *, quick: bool) -> None:
     if per_message and batched and per_message.value:
         results.notes["consumer"]["batch_over_per_message"] = round(
             batched.value / per_message.value, 3
+        )
+    if profile is not None:
+        results.add(await worker_consume(env, n, profile_to=profile))
+        results.add(
+            await worker_consume(env, n, batch=BATCH, profile_to=profile.with_suffix(".batch.txt"))
         )
     _ = consumed

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.env import BenchEnv
 
@@ -87,3 +88,35 @@ async def services(
                 await service.proc.wait()
         for pump in pumps:
             pump.cancel()
+
+
+async def start_py_spy(pid: int, out: Path) -> asyncio.subprocess.Process:
+    """Sample *pid* at 250 Hz into *out* (collapsed stacks, for ``bench.profile``)."""
+    exe = Path(sys.executable).parent / "py-spy"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        str(exe),
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        "250",
+        "--nonblocking",
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    await asyncio.sleep(1.0)  # let it attach before the clock starts
+    return proc
+
+
+async def stop_py_spy(proc: asyncio.subprocess.Process) -> None:
+    proc.send_signal(signal.SIGINT)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), 20)
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()

@@ -13,9 +13,6 @@ is empty, so process start-up and the fill are not counted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +25,7 @@ from pamqp.header import ContentHeader
 
 from bench import payload
 from bench.env import EXCHANGE, TOPIC, BenchEnv, CpuMeter, cpu_delta
-from bench.procs import services
+from bench.procs import services, start_py_spy, stop_py_spy
 from bench.report import Figure, Results
 from postroom import rabbit
 
@@ -188,7 +185,7 @@ async def relay_drain(
             extra_env={"POSTROOM_POLL_INTERVAL": "30"},
         ) as procs:
             await payload.fill_outbox(env.dsn, n, keys=keys, notify=False)
-            spy = await _start_py_spy(procs[0].pid, profile_to) if profile_to else None
+            spy = await start_py_spy(procs[0].pid, profile_to) if profile_to else None
             async with payload.purging(amqp) as queue_stats:
                 pids = [p.pid for p in procs]
                 before = meter.snapshot(pids)
@@ -205,7 +202,7 @@ async def relay_drain(
                 seconds = time.perf_counter() - started
                 after = meter.snapshot(pids)
             if spy is not None:
-                await _stop_py_spy(spy)
+                await stop_py_spy(spy)
     finally:
         await amqp.close()
         await conn.close()
@@ -222,37 +219,6 @@ async def relay_drain(
         baseline=BASE,
         extra={"queue": queue_stats, "relays": relays, "keys": keys},
     ).with_cpu(cpu_delta(before, after))
-
-
-async def _start_py_spy(pid: int, out: Path) -> asyncio.subprocess.Process:
-    exe = Path(sys.executable).parent / "py-spy"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    proc = await asyncio.create_subprocess_exec(
-        str(exe),
-        "record",
-        "--pid",
-        str(pid),
-        "--rate",
-        "250",
-        "--nonblocking",
-        "--format",
-        "raw",
-        "--output",
-        str(out),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    await asyncio.sleep(1.0)  # let it attach before the clock starts
-    return proc
-
-
-async def _stop_py_spy(proc: asyncio.subprocess.Process) -> None:
-    proc.send_signal(signal.SIGINT)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(proc.wait(), 20)
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
 
 
 async def run(env: BenchEnv, results: Results, *, quick: bool, profile: Path | None) -> None:

@@ -395,6 +395,17 @@ async def test_batch_dispatch_isolates_each_message_in_its_savepoint(app, sessio
             )
         ).all()
     assert retries == [("billing.charge", "")]
+    # Failed handlers gave up their inbox claims, so their retries are not duplicates.
+    async with sessions() as session:
+        claimed = (
+            await session.execute(
+                text(f'SELECT message_id FROM "{app.schema_name}".inbox WHERE consumer = :c'),
+                {"c": "billing.charge"},
+            )
+        ).scalars()
+        assert sorted(str(m) for m in claimed) == sorted(
+            d.message_id for d in (deliveries[0], deliveries[5])
+        )
 
 
 async def test_worker_in_batch_mode_applies_each_message_once(app, sessions):

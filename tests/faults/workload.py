@@ -282,7 +282,7 @@ class Fleet:
         self.logdir = logdir
         self.env = {
             "POSTROOM_LOG_FORMAT": "json",
-            "POSTROOM_LOG_LEVEL": "INFO",
+            "POSTROOM_LOG_LEVEL": "DEBUG",  # message.handled is DEBUG
             "POSTROOM_SHUTDOWN_TIMEOUT": "5",
             "POSTROOM_HEALTH_PORT": "0",
             **env,
