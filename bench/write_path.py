@@ -3,6 +3,9 @@
 ``connections`` tasks each run transactions back to back on their own pooled
 connection for a fixed time. Variants, interleaved over rounds so drift hits all:
 * ``raw asyncpg: insert``: the database's own ceiling for this transaction (context);
+* ``raw asyncpg: insert + outbox insert``: the same plus the very statement
+  ``publish()`` sends (outbox INSERT + NOTIFY in one CTE), prebuilt values: the
+  physical cost of one more statement, the floor under ``publish()``'s cost;
 * ``session: insert``: the baseline, an ``AsyncSession`` transaction inserting one
   domain row with a Core insert (the leanest thing a SQLAlchemy service does);
 * ``session: insert + publish``: the same plus ``Outbox.publish()`` with NOTIFY
@@ -13,7 +16,9 @@ No relay listens meanwhile: this is the writer's own cost.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,6 +42,11 @@ orders = Table(
     Column("note", Text, nullable=False),
 )
 RAW_INSERT = "INSERT INTO bench_orders (customer, total_cents, note) VALUES ($1, $2, $3)"
+RAW_OUTBOX = (
+    "WITH written AS (INSERT INTO postroom.outbox (message_id, topic, routing_key, headers,"
+    " body, content_type, correlation_id, occurred_at) VALUES ($1, $2, $2, $3, $4, $5, $6, $7))"
+    " SELECT pg_notify('postroom.outbox', '')"
+)
 
 
 async def _timed(
@@ -106,6 +116,23 @@ async def run(env: BenchEnv, results: Results, *, quick: bool) -> None:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute(RAW_INSERT, f"c-{i % 1000:05d}", i % 100_000, "n")
 
+        sample = payload.message(0)
+        headers = json.dumps(sample.amqp_headers(), default=str)
+
+        async def raw_outbox_tx(_: int, i: int) -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(RAW_INSERT, f"c-{i % 1000:05d}", i % 100_000, "n")
+                await conn.execute(
+                    RAW_OUTBOX,
+                    uuid.uuid4(),
+                    sample.topic,
+                    headers,
+                    sample.body,
+                    sample.content_type,
+                    sample.correlation_id,
+                    sample.occurred_at,
+                )
+
         def session_tx(box: Outbox | None) -> Callable[[int, int], Awaitable[None]]:
             async def tx(_: int, i: int) -> None:
                 async with sessions() as session, session.begin():
@@ -117,6 +144,7 @@ async def run(env: BenchEnv, results: Results, *, quick: bool) -> None:
 
         variants = [
             ("raw asyncpg: insert", raw_tx),
+            ("raw asyncpg: insert + outbox insert", raw_outbox_tx),
             (BASE, session_tx(None)),
             ("session: insert + publish", session_tx(notify)),
             ("session: insert + publish, no NOTIFY", session_tx(quiet)),
@@ -145,6 +173,12 @@ async def run(env: BenchEnv, results: Results, *, quick: bool) -> None:
             per_tx = {f.name: f.cpu_per_1k.get("client", 0.0) for f in (base, with_notify, without)}
             notes["client_cpu_ms_per_tx"] = per_tx
             notes["publish_client_cpu_ratio"] = round(per_tx[with_notify.name] / per_tx[BASE], 3)
+        raw = results.find("write", "raw asyncpg: insert")
+        raw_outbox = results.find("write", "raw asyncpg: insert + outbox insert")
+        if base and with_notify and raw and raw_outbox and raw.value and base.value:
+            # What one more statement costs with no library at all, beside what publish() costs.
+            notes["raw_extra_statement_cost"] = round(1 - raw_outbox.value / raw.value, 3)
+            notes["publish_cost"] = round(1 - with_notify.value / base.value, 3)
         async with engine.begin() as conn:
             await conn.run_sync(domain.drop_all)
         await _clear_outbox(env)
