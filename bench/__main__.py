@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bench.env import BenchEnv, private_services
 from bench.report import Results
+from postroom.process import loop_factory
 
 PHASES = ("relay", "write", "consumer", "e2e", "steady")
 
@@ -24,6 +25,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile", action="store_true", help="also run under py-spy (relay, consumer)"
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop of every process, raw baselines included (postroom's default: uvloop)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     return parser.parse_args(argv)
@@ -66,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     results = Results(mode="quick" if args.quick else "full", command=command.strip())
     results.notes["stamp"] = stamp
     started = time.perf_counter()
-    with private_services() as env:
+    results.notes["event_loop"] = args.loop
+    with private_services(args.loop) as env:
         print(f"bench: database {env.database}, vhost {env.vhost}", flush=True)
         try:
-            asyncio.run(run_phases(env, args, results))
+            with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+                runner.run(run_phases(env, args, results))
         finally:
             results.notes["wall_seconds"] = round(time.perf_counter() - started, 1)
             results.resolve_ratios()

@@ -34,6 +34,7 @@ class BenchEnv:
     database_url: str  # postgresql+asyncpg:// form, for Settings and SQLAlchemy
     vhost: str
     amqp_url: str
+    event_loop: str = "uvloop"  # for every process of the run, baselines included
 
     @property
     def dsn(self) -> str:
@@ -65,6 +66,7 @@ class BenchEnv:
             POSTROOM_HEALTH_PORT="0",
             POSTROOM_LOG_FORMAT="json",
             POSTROOM_LOG_LEVEL="INFO",
+            POSTROOM_EVENT_LOOP=self.event_loop,
         )
         env.update(extra)
         return env
@@ -84,7 +86,7 @@ async def _admin(sql: str) -> None:
 
 
 @contextmanager
-def private_services() -> Iterator[BenchEnv]:
+def private_services(event_loop: str = "uvloop") -> Iterator[BenchEnv]:
     """Create this run's database (migrated to head) and vhost; drop both afterwards."""
     token = uuid.uuid4().hex[:10]
     database = f"postroom_bench_{token}"
@@ -96,6 +98,7 @@ def private_services() -> Iterator[BenchEnv]:
         database_url=f"{base}/{database}",
         vhost=vhost,
         amqp_url=AMQP_ROOT.rstrip("/") + "/" + vhost,
+        event_loop=event_loop,
     )
     asyncio.run(_admin(f'CREATE DATABASE "{database}"'))
     try:

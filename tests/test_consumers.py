@@ -408,8 +408,9 @@ async def test_batch_dispatch_isolates_each_message_in_its_savepoint(app, sessio
         )
 
 
-async def test_worker_in_batch_mode_applies_each_message_once(app, sessions):
-    batched = app.model_copy(update={"worker_batch_size": 25, "worker_batch_wait": 0.01})
+@pytest.mark.parametrize("linger", [0.0, 0.01], ids=["natural-batches", "lingering-batches"])
+async def test_worker_in_batch_mode_applies_each_message_once(app, sessions, linger):
+    batched = app.model_copy(update={"worker_batch_size": 25, "worker_batch_wait": linger})
     await publish(
         sessions,
         batched,

@@ -65,7 +65,7 @@ def relay() -> None:
     from postroom.process import run_service
     from postroom.service import run_relay
 
-    run_service(lambda stop: run_relay(settings, stop))
+    run_service(lambda stop: run_relay(settings, stop), event_loop=settings.event_loop)
 
 
 @app.command()
@@ -85,7 +85,7 @@ def worker(
         loaded = load_router(router)
     except PostroomError as exc:
         fail(str(exc))
-    run_service(lambda stop: run_worker(settings, loaded, stop))
+    run_service(lambda stop: run_worker(settings, loaded, stop), event_loop=settings.event_loop)
 
 
 @app.command()

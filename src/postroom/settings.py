@@ -172,7 +172,10 @@ class Settings(BaseSettings):
     worker_batch_wait: float = Field(
         default=0.005,
         ge=0,
-        description="Seconds a partial batch waits for more messages before it runs.",
+        le=10,
+        description="Seconds a batch lingers for more messages before it takes a handler "
+        "slot (fuller batches, more throughput); 0 = a batch is whatever arrived while "
+        "the slots were busy (least latency).",
     )
     delivery_limit: int = Field(
         default=20,
@@ -193,6 +196,11 @@ class Settings(BaseSettings):
         default=10.0,
         gt=0,
         description="Seconds between the relay's outbox queries for the backlog and lag gauges.",
+    )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto",
+        description="Event loop of the relay and worker processes: auto = uvloop where "
+        "installed (it halves the loop's share of a worker's CPU), else asyncio's own.",
     )
     log_format: Literal["json", "console"] = Field(default="json", description="Log renderer.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(

@@ -93,9 +93,8 @@ class Worker:
         self._consuming = False
         self._connection: Any = None
         self._queues: list[tuple[Any, str]] = []
-        self._pipeline: Pipeline | None = None
         self._batches: dict[str, list[AbstractIncomingMessage]] = {}
-        self._flushers: dict[str, asyncio.TimerHandle] = {}
+        self._takers: set[str] = set()
         self.stats = WorkerStats()
 
     @property
@@ -115,7 +114,7 @@ class Worker:
             pool_pre_ping=False,
             connect_args={"server_settings": {"application_name": self._name}},
         )
-        pipeline = self._pipeline = Pipeline(
+        pipeline = Pipeline(
             sessions=async_sessionmaker(engine, expire_on_commit=False),
             outbox=Outbox.from_settings(settings),
             max_body_bytes=settings.max_body_bytes,
@@ -242,23 +241,31 @@ class Worker:
     def _add_to_batch(
         self, consumer: Consumer[Any], incoming: AbstractIncomingMessage, pipeline: Pipeline
     ) -> None:
-        batch = self._batches.setdefault(consumer.name, [])
-        batch.append(incoming)
-        if len(batch) >= self._settings.worker_batch_size:
-            self._flush(consumer, pipeline)
-        elif consumer.name not in self._flushers:
-            loop = asyncio.get_running_loop()
-            self._flushers[consumer.name] = loop.call_later(
-                self._settings.worker_batch_wait, self._flush, consumer, pipeline
-            )
+        """Queue *incoming* for the next batch of its consumer.
 
-    def _flush(self, consumer: Consumer[Any], pipeline: Pipeline) -> None:
-        timer = self._flushers.pop(consumer.name, None)
-        if timer is not None:
-            timer.cancel()
-        batch = self._batches.pop(consumer.name, [])
-        if batch:
-            self._spawn(self._handle_batch(consumer, batch, pipeline))
+        Natural batching: a batch is what has arrived by the time a handler slot is free
+        (at most ``worker_batch_size``). An idle worker thus handles a lone message at
+        once, and a busy one commits many per transaction, with no timer in the way.
+        """
+        self._batches.setdefault(consumer.name, []).append(incoming)
+        if consumer.name not in self._takers:  # one taker at a time waits for a slot
+            self._takers.add(consumer.name)
+            self._spawn(self._take_batch(consumer, pipeline))
+
+    async def _take_batch(self, consumer: Consumer[Any], pipeline: Pipeline) -> None:
+        settings = self._settings
+        if settings.worker_batch_wait and not self._stopping:
+            await asyncio.sleep(settings.worker_batch_wait)  # linger: let the batch fill up
+        async with self._semaphore:
+            self._takers.discard(consumer.name)
+            waiting = self._batches.get(consumer.name, [])
+            batch = waiting[: settings.worker_batch_size]
+            del waiting[: len(batch)]
+            if waiting:  # more than a batch arrived: the next taker queues for a slot now
+                self._takers.add(consumer.name)
+                self._spawn(self._take_batch(consumer, pipeline))
+            if batch:
+                await self._handle_batch(consumer, batch, pipeline)
 
     async def _handle_batch(
         self,
@@ -266,33 +273,31 @@ class Worker:
         batch: list[AbstractIncomingMessage],
         pipeline: Pipeline,
     ) -> None:
-        async with self._semaphore:
-            if self._stopping or self._broken.is_set():
-                for incoming in batch:
-                    await self._requeue(incoming, consumer, "not started: stopping or reconnecting")
-                return
-            started = time.perf_counter()
-            inflight = self._metrics.inflight(consumer.name) if self._metrics else None
-            try:
-                with inflight or contextlib.nullcontext():
-                    results = await dispatch_batch(
-                        [_delivery(m) for m in batch], consumer, pipeline
-                    )
-            except asyncio.CancelledError:
-                for incoming in batch:
-                    await asyncio.shield(self._requeue(incoming, consumer, "cancelled at shutdown"))
-                raise
-            except Exception as exc:
-                why = f"{type(exc).__name__}: {exc}"[:300]
-                for incoming in batch:
-                    await self._requeue(incoming, consumer, why)
-                self._set_connected("database", False)
-                self._broken.set()
-                return
-            faults.crash_point(pipeline.crash_at, faults.WORKER_AFTER_COMMIT)
-            seconds = (time.perf_counter() - started) / len(batch)
-            for incoming, result in zip(batch, results, strict=True):
-                await self._ack(incoming, consumer, result, seconds)
+        """Dispatch one batch (the caller holds a handler slot); ack after the commit."""
+        if self._stopping or self._broken.is_set():
+            for incoming in batch:
+                await self._requeue(incoming, consumer, "not started: stopping or reconnecting")
+            return
+        started = time.perf_counter()
+        inflight = self._metrics.inflight(consumer.name) if self._metrics else None
+        try:
+            with inflight or contextlib.nullcontext():
+                results = await dispatch_batch([_delivery(m) for m in batch], consumer, pipeline)
+        except asyncio.CancelledError:
+            for incoming in batch:
+                await asyncio.shield(self._requeue(incoming, consumer, "cancelled at shutdown"))
+            raise
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"[:300]
+            for incoming in batch:
+                await self._requeue(incoming, consumer, why)
+            self._set_connected("database", False)
+            self._broken.set()
+            return
+        faults.crash_point(pipeline.crash_at, faults.WORKER_AFTER_COMMIT)
+        seconds = (time.perf_counter() - started) / len(batch)
+        for incoming, result in zip(batch, results, strict=True):
+            await self._ack(incoming, consumer, result, seconds)
 
     async def _handle(
         self,
@@ -404,9 +409,6 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(queue.cancel(tag), timeout=2)
         self._queues.clear()
-        if self._pipeline is not None:
-            for name in list(self._batches):
-                self._flush(self._router[name], self._pipeline)
         if self._inflight:
             deadline = self._settings.shutdown_timeout if stopping else 2.0
             log.info("worker.draining", inflight=len(self._inflight), deadline_seconds=deadline)
@@ -416,6 +418,9 @@ class Worker:
             if pending:
                 await asyncio.wait(pending, timeout=5)
                 log.warning("worker.drain_deadline", requeued=len(pending))
+        # Whatever still waits for a batch came on the closed channel: the broker has it back.
+        self._batches.clear()
+        self._takers.clear()
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
