@@ -1,7 +1,9 @@
 """Summarise a py-spy ``--format raw`` (collapsed stacks) profile: where the time goes.
 
 ``python -m bench.profile FILE [--top N]`` prints the functions with the most self
-time, and the inclusive share of the relay's own steps (claim, publish, settle).
+time, the share of each layer (by the sampled leaf frame: the stacks of coroutines and
+SQLAlchemy's greenlets are cut at each await, so inclusive shares undercount), and for
+a relay profile the inclusive share of its own steps (claim, publish, settle).
 """
 
 from __future__ import annotations
@@ -19,6 +21,19 @@ STEPS = {
     "rabbit: publish_many (frames, futures)": ("publish_many",),
     "rabbit: confirms arriving (aiormq reader)": ("_reader_loop", "__reader", "_on_return"),
     "asyncio loop (select, callbacks)": ("_run_once", "select ("),
+}
+
+
+# Layers by leaf frame, first match wins. Under uvloop a socket send shows as the
+# Cython frame that called it, so the asyncpg rows include their round trips' syscalls.
+LAYERS = {
+    "asyncpg: BEGIN/COMMIT (simple queries, incl. send)": ("Connection.execute (asyncpg",),
+    "asyncpg: INSERT/SELECT (prepared, incl. send)": ("prepared_stmt.py", "asyncpg/"),
+    "event loop (uvloop/asyncio, epoll, callbacks)": ("asyncio/", "runners.py", "uvloop"),
+    "SQLAlchemy (session, engine, compiled cache)": ("sqlalchemy/", "greenlet"),
+    "AMQP client (aio-pika, aiormq, pamqp)": ("aio_pika/", "aiormq/", "pamqp/"),
+    "postroom": ("postroom/",),
+    "pydantic, logging, metrics": ("pydantic", "structlog/", "logging/", "prometheus_client/"),
 }
 
 
@@ -42,13 +57,17 @@ def summarise(stacks: Counter[str], top: int = 25) -> dict[str, object]:
     self_time: Counter[str] = Counter()
     steps: Counter[str] = Counter()
     modules: Counter[str] = Counter()
+    layers: Counter[str] = Counter()
+    relay = any("relay.py" in stack for stack in stacks)
     for stack, count in stacks.items():
         frames = stack.split(";")
         leaf = _name(frames[-1])
         self_time[leaf] += count
         module = re.search(r"\((?:.*/)?(site-packages/)?([^/]+)/", frames[-1])
         modules[module.group(2) if module else leaf.split("(")[-1].rstrip(")")] += count
-        for step, needles in STEPS.items():
+        layer = next((k for k, v in LAYERS.items() if any(n in frames[-1] for n in v)), "other")
+        layers[layer] += count
+        for step, needles in STEPS.items() if relay else ():
             if any(any(n in frame for n in needles) for frame in frames):
                 steps[step] += count
                 break
@@ -56,7 +75,8 @@ def summarise(stacks: Counter[str], top: int = 25) -> dict[str, object]:
             steps["other"] += count
     return {
         "samples": total,
-        "steps": {k: round(100 * v / total, 1) for k, v in steps.most_common()},
+        "steps": {k: round(100 * v / total, 1) for k, v in steps.most_common()} if relay else {},
+        "layers": {k: round(100 * v / total, 1) for k, v in layers.most_common()},
         "self": [(k, round(100 * v / total, 1)) for k, v in self_time.most_common(top)],
         "packages": [(k, round(100 * v / total, 1)) for k, v in modules.most_common(12)],
     }
@@ -69,9 +89,13 @@ def main() -> None:
     args = parser.parse_args()
     summary = summarise(load(args.path), args.top)
     print(f"samples: {summary['samples']}")
-    print("\ninclusive, by step (% of samples):")
-    for step, share in summary["steps"].items():  # type: ignore[union-attr]
-        print(f"  {share:5.1f}  {step}")
+    if summary["steps"]:
+        print("\ninclusive, by relay step (% of samples):")
+        for step, share in summary["steps"].items():  # type: ignore[union-attr]
+            print(f"  {share:5.1f}  {step}")
+    print("\nself time, by layer (% of samples):")
+    for layer, share in summary["layers"].items():  # type: ignore[union-attr]
+        print(f"  {share:5.1f}  {layer}")
     print("\nself time, by package (% of samples):")
     for name, share in summary["packages"]:  # type: ignore[union-attr]
         print(f"  {share:5.1f}  {name}")

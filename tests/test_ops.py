@@ -553,6 +553,38 @@ async def test_prune_backs_off_from_a_table_lock_instead_of_queueing(settings, s
     assert report.inbox == 10
 
 
+async def test_prune_vacuum_clears_the_dead_rows_a_relay_leaves(settings, sessions):
+    """Without autovacuum (this test server runs without it) the outbox is all dead rows."""
+    schema = settings.schema_name
+    await sql(
+        sessions,
+        f'INSERT INTO "{schema}".outbox (message_id, topic, routing_key, headers, body, '
+        "content_type, occurred_at) SELECT gen_random_uuid(), 't', 't', '{}', '\\x00', "
+        "'application/json', now() FROM generate_series(1, 500)",
+    )
+    await sql(sessions, f'DELETE FROM "{schema}".outbox')  # what the relay does, row by row
+
+    async def dead_rows() -> int:
+        [(dead,)] = await sql(
+            sessions,
+            "SELECT n_dead_tup FROM pg_stat_user_tables "
+            "WHERE schemaname = :schema AND relname = 'outbox'",
+            schema=schema,
+        )
+        return int(dead)
+
+    result = await cli(settings, "prune", "--vacuum", "--json")
+    assert result.exit_code == 0, result.output
+    assert await dead_rows() == 0
+    [(vacuumed,)] = await sql(
+        sessions,
+        "SELECT count(*) FROM pg_stat_user_tables WHERE schemaname = :schema "
+        "AND relname IN ('outbox', 'inbox', 'dead_letters') AND last_vacuum IS NOT NULL",
+        schema=schema,
+    )
+    assert vacuumed == 3
+
+
 async def test_every_mutating_command_is_audited(settings, sessions):
     schema = settings.schema_name
     first, second, third = [await seed(sessions, schema, event_id=i) for i in range(3)]

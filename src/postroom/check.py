@@ -86,9 +86,17 @@ async def _database(settings: Settings) -> tuple[bool, str]:
     connection = await asyncpg.connect(settings.asyncpg_dsn, timeout=DEFAULT_TIMEOUT)
     try:
         version = await connection.fetchval("SHOW server_version")
+        autovacuum = await connection.fetchval("SHOW autovacuum")
     finally:
         await connection.close(timeout=2)
-    return True, f"{redact_url(settings.asyncpg_dsn)} (PostgreSQL {version})"
+    detail = f"{redact_url(settings.asyncpg_dsn)} (PostgreSQL {version})"
+    if autovacuum != "on":
+        # Not a failure (the relay and workers run fine), but the outbox would bloat.
+        detail += (
+            "; warning: autovacuum is off, so the outbox's and inbox's dead rows pile up "
+            "unless something vacuums them (schedule `postroom prune --vacuum`)"
+        )
+    return True, detail
 
 
 async def _migrations(settings: Settings) -> tuple[bool, str]:

@@ -184,17 +184,26 @@ def prune(
     ] = 2.0,
     actor: Actor = None,
     as_json: Json = False,
+    vacuum: Annotated[
+        bool,
+        typer.Option(
+            "--vacuum",
+            help="Then VACUUM (ANALYZE) the outbox, inbox and dead letters: for servers "
+            "running without autovacuum.",
+        ),
+    ] = False,
 ) -> None:
     """Delete old inbox rows and old replayed/purged dead letters, in small batches.
 
     Safe beside running relays and workers: schedule it, hourly say.
     """
     from postroom.upkeep import prune as run_prune
+    from postroom.upkeep import vacuum as run_vacuum
 
-    def work(settings: Settings, engine: AsyncEngine) -> Awaitable[Any]:
+    async def work(settings: Settings, engine: AsyncEngine) -> Any:
         inbox = settings.inbox_retention_days if inbox_days is None else inbox_days
         letters = settings.dead_letter_retention_days
-        return run_prune(
+        report = await run_prune(
             engine,
             settings.schema_name,
             actor=actor_or_user(actor),
@@ -206,6 +215,9 @@ def prune(
             batch_size=batch_size,
             lock_timeout=timedelta(seconds=lock_timeout),
         )
+        if vacuum and not dry_run:
+            await run_vacuum(engine, settings.schema_name)
+        return report
 
     report = run(work)
     if as_json:

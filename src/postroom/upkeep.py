@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, Table, delete, func, select, tuple_
+from sqlalchemy import Select, Table, delete, func, select, text, tuple_
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
@@ -33,7 +33,7 @@ from postroom import audit
 from postroom.audit import Action
 from postroom.deadletters import DeadStatus
 from postroom.errors import TableBusyError
-from postroom.tables import dead_letters, inbox, outbox, schema_map
+from postroom.tables import dead_letters, inbox, outbox, qualified, schema_map
 
 LOCK_NOT_AVAILABLE = "55P03"
 BUSY_RETRIES = 3
@@ -225,6 +225,30 @@ async def prune(
     if not dry_run:
         await _audit(engine, schema, actor, report(), batch_size)
     return report()
+
+
+# The tables whose rows come and go all day: their dead tuples must be vacuumed away.
+CHURNING_TABLES = ("outbox", "inbox", "dead_letters")
+
+
+async def vacuum(engine: AsyncEngine, schema: str) -> list[str]:
+    """VACUUM (ANALYZE) the tables whose rows churn; return their qualified names.
+
+    Autovacuum does this by itself; this is for servers where it is off or lags (the
+    relay deletes every row it publishes, so the outbox is all dead tuples otherwise).
+    VACUUM cannot run in a transaction, hence the AUTOCOMMIT connection.
+    """
+    names = [qualified(schema, table) for table in CHURNING_TABLES]
+    async with engine.connect() as connection:
+        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        for name in names:
+            await autocommit.exec_driver_sql(f"VACUUM (ANALYZE) {name}")
+    return names
+
+
+async def autovacuum_enabled(connection: AsyncConnection) -> bool:
+    """Return whether the server runs autovacuum (``SHOW autovacuum``)."""
+    return str(await connection.scalar(text("SHOW autovacuum"))).lower() == "on"
 
 
 async def _guarded(
