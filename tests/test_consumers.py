@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import text
 
 from postroom import Outbox
-from postroom.dispatch import Outcome, Pipeline, dispatch
+from postroom.dispatch import Pipeline, dispatch
+from postroom.failures import Outcome
 from postroom.faults import WORKER_AFTER_COMMIT, WORKER_IN_HANDLER
 from postroom.message import Delivery, Message, uuid7
 from postroom.settings import Settings

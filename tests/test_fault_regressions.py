@@ -14,7 +14,8 @@ from pydantic import SecretStr
 from sqlalchemy import text
 
 from postroom import Outbox, Router, rabbit
-from postroom.dispatch import Outcome, Pipeline, dispatch
+from postroom.dispatch import Pipeline, dispatch
+from postroom.failures import Outcome
 from postroom.message import Delivery, Message, uuid7
 from postroom.outage import is_outage
 from postroom.router import Context

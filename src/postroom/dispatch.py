@@ -12,62 +12,33 @@ Anything raised out of :func:`dispatch` means the pipeline could not record an o
 
 from __future__ import annotations
 
-import enum
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import structlog
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from postroom import deadletters, faults, inbox
-from postroom.deadletters import DeadLetter, DeadReason
-from postroom.errors import DecodeError, DeliveryLimitExceededError, Reject, UnknownTopicError
+from postroom import faults, inbox
+from postroom.deadletters import DeadReason
+from postroom.errors import DecodeError, DeliveryLimitExceededError, UnknownTopicError
 from postroom.events import Event
-from postroom.message import (
-    H_CONSUMER,
-    H_FIRST_FAILED,
-    H_LAST_ERROR,
-    Delivery,
-    Message,
-    json_safe,
+from postroom.failures import (
+    Failure,
+    Outcome,
+    Result,
+    dead,
+    judge,
+    log_failure,
+    result_of,
+    undecodable,
+    write,
 )
+from postroom.message import Delivery, Message
 from postroom.outbox import Outbox
 from postroom.router import Consumer, Context
-
-log = structlog.get_logger("postroom.dispatch")
-
-DEFAULT_EXCHANGE = ""  # AMQP's default exchange routes by queue name
-
-
-class Outcome(enum.StrEnum):
-    """What happened to a delivery; every one of them is acked by the worker."""
-
-    ACKED = "acked"
-    """The handler ran and its writes committed with the inbox row."""
-    DUPLICATE = "duplicate"
-    """The inbox already held this message for this consumer; the handler did not run."""
-    RETRY = "retry"
-    """The handler failed; a copy for the next attempt is committed in the outbox."""
-    DEAD = "dead"
-    """The message is recorded as a dead letter with its reason."""
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    """The outcome of one dispatch and the facts worth logging about it."""
-
-    outcome: Outcome
-    message_id: str | None
-    topic: str | None
-    attempt: int
-    reason: DeadReason | None = None
-    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +56,6 @@ class Pipeline:
 
 
 @dataclass(frozen=True, slots=True)
-class _Failure:
-    """A failed delivery's outcome, to be written in some transaction: a retry or a letter."""
-
-    result: Result
-    letter: DeadLetter | None = None
-    retry: Message | None = None
-    delay: timedelta | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class _Decoded:
     message: Message
     event: Event
@@ -109,13 +70,13 @@ async def dispatch(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeli
     requeued.
     """
     decoded = _decode(delivery, consumer, pipeline)
-    if isinstance(decoded, _Failure):
+    if isinstance(decoded, Failure):
         return await _settle_alone(decoded, consumer, pipeline)
     message = decoded.message
     try:
         async with pipeline.sessions() as session, session.begin():
             if not await _claim(session, message, consumer, pipeline):
-                return _result(Outcome.DUPLICATE, message)
+                return result_of(Outcome.DUPLICATE, message)
             await _run_handler(session, decoded, consumer, pipeline)
     except Exception as exc:
         if _database_lost(exc):
@@ -123,8 +84,8 @@ async def dispatch(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeli
             # known (even COMMIT may have happened). Raise, so the worker requeues; a retry
             # here would burn an attempt and step out of key order for a database blip.
             raise
-        return await _settle_alone(_failure(message, consumer, exc), consumer, pipeline)
-    return _result(Outcome.ACKED, message)
+        return await _settle_alone(judge(message, consumer, exc), consumer, pipeline)
+    return result_of(Outcome.ACKED, message)
 
 
 async def dispatch_batch(
@@ -154,10 +115,10 @@ class _HandlerFailed(Exception):
 
 
 async def _run_batch(
-    items: list[_Decoded | _Failure], consumer: Consumer[Any], pipeline: Pipeline, *, isolate: bool
+    items: list[_Decoded | Failure], consumer: Consumer[Any], pipeline: Pipeline, *, isolate: bool
 ) -> list[Result]:
     results: list[Result] = []
-    failures: list[_Failure] = []
+    failures: list[Failure] = []
     async with pipeline.sessions() as session, session.begin():
         fresh = await inbox.claim_many(
             session,
@@ -169,19 +130,19 @@ async def _run_batch(
             if isinstance(item, _Decoded):
                 message = item.message
                 if message.message_id not in fresh:  # processed before, or twice in the batch
-                    results.append(_result(Outcome.DUPLICATE, message))
+                    results.append(result_of(Outcome.DUPLICATE, message))
                     continue
                 fresh.discard(message.message_id)
                 failure = await _run_batched_handler(session, item, consumer, pipeline, isolate)
                 if failure is None:
-                    results.append(_result(Outcome.ACKED, message))
+                    results.append(result_of(Outcome.ACKED, message))
                     continue
                 item = failure
-            await _write(session, item, consumer, pipeline)
+            await write(session, item, consumer, pipeline.outbox, pipeline.schema)
             failures.append(item)
             results.append(item.result)
     for failure in failures:
-        _log_failure(failure, consumer)
+        log_failure(failure, consumer)
     return results
 
 
@@ -191,7 +152,7 @@ async def _run_batched_handler(
     consumer: Consumer[Any],
     pipeline: Pipeline,
     isolate: bool,
-) -> _Failure | None:
+) -> Failure | None:
     """Run one handler of a batch; when isolated, a failure undoes its writes and claim."""
     try:
         if not isolate:
@@ -210,34 +171,34 @@ async def _run_batched_handler(
             consumer=consumer.name,
             message_id=decoded.message.message_id,
         )
-        return _failure(decoded.message, consumer, exc)
+        return judge(decoded.message, consumer, exc)
     return None
 
 
-def _decode(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeline) -> _Decoded | _Failure:
+def _decode(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeline) -> _Decoded | Failure:
     """Check size, envelope, topic and payload; no I/O, so it runs before any transaction."""
     if len(delivery.body) > pipeline.max_body_bytes:
         error = DecodeError(
             f"body is {len(delivery.body)} bytes; the limit is {pipeline.max_body_bytes}"
         )
-        return _undecoded(delivery, consumer, DeadReason.TOO_LARGE, error)
+        return undecodable(delivery, consumer, DeadReason.TOO_LARGE, error)
     try:
         message = delivery.decode()
     except DecodeError as exc:
-        return _undecoded(delivery, consumer, DeadReason.UNDECODABLE, exc)
+        return undecodable(delivery, consumer, DeadReason.UNDECODABLE, exc)
     if message.topic not in consumer.topics:
         handled = ", ".join(consumer.topics)
         error = UnknownTopicError(
             f"consumer {consumer.name!r} handles {handled}, not {message.topic!r}"
         )
-        return _dead(message, consumer, DeadReason.UNKNOWN_TOPIC, error)
+        return dead(message, consumer, DeadReason.UNKNOWN_TOPIC, error)
     try:
         event = consumer.event_type.model_validate_json(message.body)
     except ValidationError as exc:
         error = DecodeError(
             f"payload does not match {consumer.event_type.__name__}: {_summary(exc)}"
         )
-        return _dead(message, consumer, DeadReason.UNDECODABLE, error)
+        return dead(message, consumer, DeadReason.UNDECODABLE, error)
     return _Decoded(message, event)
 
 
@@ -259,138 +220,17 @@ async def _run_handler(
     await consumer.handler(decoded.event, context)
 
 
-def _failure(message: Message, consumer: Consumer[Any], exc: Exception) -> _Failure:
-    """Decide what a handler's exception means: dead now, dead at last, or retry later."""
-    if isinstance(exc, Reject):
-        return _dead(message, consumer, DeadReason.REJECTED, exc)
-    if message.attempt >= consumer.retry.max_attempts:
-        return _dead(message, consumer, DeadReason.EXHAUSTED, exc)
-    error_type, error_message, _ = deadletters.describe(exc)
-    first_failed = message.extra_headers.get(H_FIRST_FAILED) or datetime.now(UTC).isoformat()
-    retry = message.next_attempt(
-        **{
-            H_CONSUMER: consumer.name,
-            H_FIRST_FAILED: first_failed,
-            H_LAST_ERROR: f"{error_type}: {error_message}"[:500],
-        }
-    )
-    return _Failure(
-        result=_result(Outcome.RETRY, message, error=f"{error_type}: {error_message}"),
-        retry=retry,
-        delay=consumer.retry.delay(message.attempt),
-    )
-
-
-def _dead(
-    message: Message, consumer: Consumer[Any], reason: DeadReason, exc: BaseException
-) -> _Failure:
-    error_type, error_message, trace = deadletters.describe(exc)
-    now = datetime.now(UTC)
-    letter = DeadLetter(
-        consumer=consumer.name,
-        message_id=str(message.message_id),
-        topic=message.topic,
-        reason=reason,
-        error_type=error_type,
-        error_message=error_message,
-        traceback=trace,
-        attempts=message.attempt,
-        first_failed_at=_parse_time(message.extra_headers.get(H_FIRST_FAILED)) or now,
-        last_failed_at=now,
-        headers=json_safe(message.amqp_headers()),
-        body=message.body,
-        content_type=message.content_type,
-        correlation_id=message.correlation_id,
-    )
-    result = _result(Outcome.DEAD, message, reason=reason, error=f"{error_type}: {error_message}")
-    return _Failure(result=result, letter=letter)
-
-
-def _undecoded(
-    delivery: Delivery, consumer: Consumer[Any], reason: DeadReason, exc: BaseException
-) -> _Failure:
-    """Dead-letter a delivery we could not even decode, keeping every byte of it."""
-    error_type, error_message, _ = deadletters.describe(exc)
-    now = datetime.now(UTC)
-    message_id = delivery.message_id or "sha256:" + hashlib.sha256(delivery.body).hexdigest()[:32]
-    letter = DeadLetter(
-        consumer=consumer.name,
-        message_id=message_id[:200],
-        topic=delivery.type,
-        reason=reason,
-        error_type=error_type,
-        error_message=error_message,
-        traceback=None,
-        attempts=1,
-        first_failed_at=now,
-        last_failed_at=now,
-        headers=json_safe(dict(delivery.headers)),
-        body=delivery.body,
-        content_type=delivery.content_type,
-        correlation_id=delivery.correlation_id,
-    )
-    result = Result(
-        outcome=Outcome.DEAD,
-        message_id=message_id,
-        topic=delivery.type,
-        attempt=1,
-        reason=reason,
-        error=f"{error_type}: {error_message}",
-    )
-    return _Failure(result=result, letter=letter)
-
-
-async def _write(
-    session: AsyncSession, failure: _Failure, consumer: Consumer[Any], pipeline: Pipeline
-) -> None:
-    """Write a failure's retry row or dead letter in the caller's transaction."""
-    if failure.retry is not None:
-        await pipeline.outbox.write(
-            session,
-            failure.retry,
-            exchange=DEFAULT_EXCHANGE,
-            routing_key=consumer.name,
-            delay=failure.delay,
-        )
-    elif failure.letter is not None:
-        await deadletters.record(session, failure.letter, schema=pipeline.schema)
-
-
-async def _settle_alone(failure: _Failure, consumer: Consumer[Any], pipeline: Pipeline) -> Result:
+async def _settle_alone(failure: Failure, consumer: Consumer[Any], pipeline: Pipeline) -> Result:
     async with pipeline.sessions() as session, session.begin():
-        await _write(session, failure, consumer, pipeline)
+        await write(session, failure, consumer, pipeline.outbox, pipeline.schema)
     point = (
         faults.WORKER_AFTER_RETRY_COMMIT
         if failure.retry
         else faults.WORKER_AFTER_DEAD_LETTER_COMMIT
     )
     faults.crash_point(pipeline.crash_at, point)
-    _log_failure(failure, consumer)
+    log_failure(failure, consumer)
     return failure.result
-
-
-def _log_failure(failure: _Failure, consumer: Consumer[Any]) -> None:
-    result = failure.result
-    if failure.retry is not None:
-        log.info(
-            "message.retry_scheduled",
-            message_id=result.message_id,
-            consumer=consumer.name,
-            topic=result.topic,
-            attempt=result.attempt,
-            retry_in_seconds=round(failure.delay.total_seconds(), 3) if failure.delay else 0,
-            error=result.error,
-        )
-    else:
-        log.warning(
-            "message.dead_lettered",
-            message_id=result.message_id,
-            consumer=consumer.name,
-            topic=result.topic,
-            attempt=result.attempt,
-            reason=result.reason.value if result.reason else None,
-            error=result.error,
-        )
 
 
 async def record_broker_dead_letter(
@@ -414,16 +254,16 @@ async def record_broker_dead_letter(
                 message_id=message.message_id,
             )
         if applied:
-            return _result(Outcome.DUPLICATE, message)
+            return result_of(Outcome.DUPLICATE, message)
     count = _delivery_count(delivery.headers)
     error = DeliveryLimitExceededError(
         f"the broker dead-lettered the message after {count or 'too many'} deliveries "
         "(workers crashed or stalled while handling it)"
     )
     if message is None:
-        failure = _undecoded(delivery, consumer, DeadReason.DELIVERY_LIMIT, error)
+        failure = undecodable(delivery, consumer, DeadReason.DELIVERY_LIMIT, error)
     else:
-        failure = _dead(message, consumer, DeadReason.DELIVERY_LIMIT, error)
+        failure = dead(message, consumer, DeadReason.DELIVERY_LIMIT, error)
     return await _settle_alone(failure, consumer, pipeline)
 
 
@@ -464,28 +304,9 @@ def _database_lost(exc: BaseException) -> bool:
     return False
 
 
-def _result(outcome: Outcome, message: Message, **extra: Any) -> Result:
-    return Result(
-        outcome=outcome,
-        message_id=str(message.message_id),
-        topic=message.topic,
-        attempt=message.attempt,
-        **extra,
-    )
-
-
 def _summary(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_url=False, include_input=False)[:5]:
         where = ".".join(str(p) for p in error["loc"]) or "body"
         parts.append(f"{where}: {error['msg']}")
     return "; ".join(parts)
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        return None

@@ -26,8 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from postroom import audit, triage
 from postroom.audit import Action
 from postroom.deadletters import DeadStatus
-from postroom.dispatch import DEFAULT_EXCHANGE
 from postroom.errors import DecodeError, InvalidFilterError, PostroomError
+from postroom.failures import DEFAULT_EXCHANGE
 from postroom.message import H_CONSUMER, H_FIRST_FAILED, H_LAST_ERROR, H_REPLAYS, Delivery, Message
 from postroom.outbox import Outbox
 from postroom.tables import dead_letters, schema_map

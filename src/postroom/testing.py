@@ -23,8 +23,9 @@ from sqlalchemy import ColumnElement, Row, and_, delete, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from postroom.deadletters import DeadLetter, DeadReason, DeadStatus
-from postroom.dispatch import DEFAULT_EXCHANGE, Outcome, Pipeline, Result, dispatch
+from postroom.dispatch import Pipeline, dispatch
 from postroom.events import Event, topic_of
+from postroom.failures import DEFAULT_EXCHANGE, Outcome, Result
 from postroom.message import Delivery, HeaderValue, Message, uuid7
 from postroom.outbox import DEFAULT_MAX_BODY_BYTES, Outbox
 from postroom.router import Consumer

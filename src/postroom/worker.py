@@ -23,13 +23,12 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 from postroom import faults, rabbit
 from postroom.dispatch import (
-    Outcome,
     Pipeline,
-    Result,
     dispatch,
     dispatch_batch,
     record_broker_dead_letter,
 )
+from postroom.failures import Outcome, Result
 from postroom.message import Delivery
 from postroom.outage import is_outage
 from postroom.outbox import Outbox
