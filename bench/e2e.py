@@ -141,8 +141,8 @@ async def one_rate(
 
 
 async def run(env: BenchEnv, results: Results, *, quick: bool) -> None:
-    rates = [100, 500, 1000] if quick else [100, 500, 1000, 2000]
-    seconds = 3.0 if quick else 6.0
+    rates = [100, 300, 500, 1000] if quick else [100, 200, 300, 500, 1000, 2000]
+    seconds = 3.0 if quick else 10.0
     print(f"e2e: offered rates {rates}, {seconds:.0f} s each", flush=True)
     results.notes["e2e"] = {"rates": rates, "seconds_per_rate": seconds}
     engine = create_async_engine(env.database_url)

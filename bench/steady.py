@@ -195,14 +195,20 @@ def _plot(samples: list[dict[str, object]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, (rows, size) = plt.subplots(1, 2, figsize=(9.6, 3.6))
     t = [s["t"] for s in samples]
     for key in ("outbox_rows", "outbox_n_dead_tup", "inbox_rows", "inbox_n_dead_tup"):
-        ax.plot(t, [s.get(key, 0) for s in samples], label=key)
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("rows")
-    ax.legend(fontsize=7)
-    ax.set_title(f"steady state at {RATE} msg/s", fontsize=9)
+        rows.plot(t, [s.get(key, 0) for s in samples], label=key)
+    rows.set_xlabel("seconds")
+    rows.set_ylabel("rows")
+    rows.legend(fontsize=7)
+    rows.set_title(f"rows at {RATE} msg/s", fontsize=9)
+    for key in ("outbox_bytes", "inbox_bytes"):
+        size.plot(t, [int(s.get(key, 0) or 0) / 1e6 for s in samples], label=key)
+    size.set_xlabel("seconds")
+    size.set_ylabel("MB on disk (with indexes)")
+    size.legend(fontsize=7)
+    size.set_title("table sizes", fontsize=9)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "steady.png", dpi=90)
