@@ -208,7 +208,9 @@ async def run_scenario(
     try:
         production = asyncio.create_task(producer.run(messages, duration))
         try:
-            await inject(ctx, faults, until=production.done, gap=gap, cycle=cycle)
+            await inject(
+                ctx, faults, until=production.done, gap=gap, cycle=cycle, at_least=min_faults
+            )
         finally:
             if not production.done():
                 production.cancel()

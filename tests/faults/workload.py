@@ -461,14 +461,17 @@ async def inject(
     gap: tuple[float, float],
     *,
     cycle: bool = False,
+    at_least: int = 0,
 ) -> None:
     """Inject faults a random gap apart until *until()*: at random, or in turn if *cycle*
     (then at least one full round, so each kind is injected even if the workload is done).
+    At least *at_least* faults either way: how many fit in the workload's time depends on
+    the random fault durations, and a scenario must not pass on too few.
     """
     turn = 0
 
     def done() -> bool:
-        return until() and (not cycle or turn >= len(faults))
+        return until() and turn >= at_least and (not cycle or turn >= len(faults))
 
     while not done():
         await asyncio.sleep(chaos.rng.uniform(*gap))
