@@ -192,13 +192,14 @@ async def run_scenario(
     min_faults: int = 1,
     writers: dict[str, Any] | None = None,
     cycle: bool = False,
+    fleet_env: dict[str, str] | None = None,
 ) -> Figures:
     """Run one scenario end to end and assert every invariant; return its figures."""
     rng = random.Random(seed)
     settings = stage.procs
     schema = settings.schema_name
     await declare_topology(settings, stage.amqp_url)
-    fleet = Fleet(settings, logdir, **FLEET_ENV)
+    fleet = Fleet(settings, logdir, **{**FLEET_ENV, **(fleet_env or {})})
     ctx = Chaos(
         rng=rng, fleet=fleet, amqp_url=stage.amqp_url, admin_dsn=stage.dsn, extra=stage.extra
     )
@@ -348,6 +349,24 @@ async def test_mixed_faults_short(proxied, tmp_path, seed):
         faults=MIXED_SHORT,
         gap=(0.3, 1.2),
         min_faults=6,
+    )
+
+
+@pytest.mark.timeout(300)
+async def test_mixed_faults_short_batching_workers(proxied, tmp_path, seed):
+    """The same faults against workers in batch mode: one transaction per batch, handlers
+    rerun with savepoints when one fails (poison messages are in the workload)."""
+    await run_scenario(
+        "mixed-short-batched",
+        proxied,
+        tmp_path,
+        seed=seed,
+        messages=800,
+        duration=18,
+        faults=MIXED_SHORT,
+        gap=(0.3, 1.2),
+        min_faults=6,
+        fleet_env={"POSTROOM_WORKER_BATCH_SIZE": "25", "POSTROOM_WORKER_BATCH_WAIT": "0.005"},
     )
 
 

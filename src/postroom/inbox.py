@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 
-from sqlalchemy import bindparam, delete, exists, func, select
+from sqlalchemy import bindparam, exists, func, select
 from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -33,9 +33,6 @@ _CLAIM_MANY = (
     )
     .on_conflict_do_nothing(index_elements=["consumer", "message_id"])
     .returning(inbox.c.message_id)
-)
-_RELEASE = delete(inbox).where(
-    inbox.c.consumer == bindparam("consumer"), inbox.c.message_id == bindparam("message_id")
 )
 
 
@@ -73,18 +70,6 @@ async def claim_many(
         execution_options={"schema_translate_map": schema_map(schema)},
     )
     return set(result.scalars())
-
-
-async def unclaim(
-    session: AsyncSession, *, schema: str, consumer: str, message_id: uuid.UUID
-) -> None:
-    """Delete a claim whose handler failed, so the retry is not taken for a duplicate."""
-    connection = await session.connection()
-    await connection.execute(
-        _RELEASE,
-        {"consumer": consumer, "message_id": message_id},
-        execution_options={"schema_translate_map": schema_map(schema)},
-    )
 
 
 async def seen(session: AsyncSession, *, schema: str, consumer: str, message_id: uuid.UUID) -> bool:

@@ -164,9 +164,9 @@ class Settings(BaseSettings):
         gt=0,
         le=1000,
         description=(
-            "Messages handled in one transaction and acked after one commit (a failing "
-            "handler reruns the batch with a SAVEPOINT per message); 1 = a transaction "
-            "per message. Ordered consumers use 1."
+            "Messages handled in one transaction and acked after one commit (if a "
+            "handler fails, the batch is rolled back and run a transaction per message); "
+            "1 = a transaction per message. Ordered consumers use 1."
         ),
     )
     worker_batch_wait: float = Field(
