@@ -355,6 +355,10 @@ class Fleet:
         code = proc.popen.returncode
         if code == -signal.SIGKILL or ((self._stopping or proc.retired) and code == 0):
             return
+        if self._stopping and code == -signal.SIGTERM and not _logged_anything(proc.log):
+            # Restarted just before the stop: still importing (~0.3 s), before postroom
+            # installs any handler, so SIGTERM's default action ended it. Nothing to drain.
+            return
         self.unexpected.append(f"{proc.name} exited {code}:\n{tail(proc.log)}")
 
     async def _supervise(self) -> None:
@@ -419,6 +423,13 @@ class Fleet:
                 if consumer in counts and entry.get("message_id"):
                     counts[consumer][entry["message_id"]] += 1
         return counts
+
+
+def _logged_anything(path: Path) -> bool:
+    try:
+        return bool(path.read_bytes().strip())
+    except OSError:
+        return False
 
 
 def tail(path: Path, lines: int = 15) -> str:
