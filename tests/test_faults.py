@@ -338,9 +338,19 @@ MIXED_SHORT = [
 
 
 @pytest.mark.timeout(300)  # the liveness bound is asserted inside, tighter
-async def test_mixed_faults_short(proxied, tmp_path, seed):
+@pytest.mark.parametrize(
+    "fleet_env",
+    [
+        {},
+        # One transaction per batch; a failed batch is rolled back and dispatched one
+        # message per transaction (the workload has poison messages and shared rows).
+        {"POSTROOM_WORKER_BATCH_SIZE": "25", "POSTROOM_WORKER_BATCH_WAIT": "0.005"},
+    ],
+    ids=["per-message-workers", "batching-workers"],
+)
+async def test_mixed_faults_short(proxied, tmp_path, seed, fleet_env):
     await run_scenario(
-        "mixed-short",
+        "mixed-short" + ("-batched" if fleet_env else ""),
         proxied,
         tmp_path,
         seed=seed,
@@ -349,24 +359,7 @@ async def test_mixed_faults_short(proxied, tmp_path, seed):
         faults=MIXED_SHORT,
         gap=(0.3, 1.2),
         min_faults=6,
-    )
-
-
-@pytest.mark.timeout(300)
-async def test_mixed_faults_short_batching_workers(proxied, tmp_path, seed):
-    """The same faults against workers in batch mode: one transaction per batch, handlers
-    rerun with savepoints when one fails (poison messages are in the workload)."""
-    await run_scenario(
-        "mixed-short-batched",
-        proxied,
-        tmp_path,
-        seed=seed,
-        messages=800,
-        duration=18,
-        faults=MIXED_SHORT,
-        gap=(0.3, 1.2),
-        min_faults=6,
-        fleet_env={"POSTROOM_WORKER_BATCH_SIZE": "25", "POSTROOM_WORKER_BATCH_WAIT": "0.005"},
+        fleet_env=fleet_env,
     )
 
 
