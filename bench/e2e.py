@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from bench import write_path
 from bench.consumer_app import domain
 from bench.env import EXCHANGE, TOPIC, BenchEnv, CpuMeter, cpu_delta
 from bench.procs import services
-from bench.report import Figure, Results
+from bench.report import Figure, Results, quantile
 from postroom import rabbit
 
 # series: (NOTIFY on writes, relay poll interval, worker settings)
@@ -44,10 +43,6 @@ SERIES: dict[str, tuple[str, str, dict[str, str]]] = {
     "poll 100 ms": ("0", "0.1", {}),
 }
 TAP_QUEUE = "bench.e2e-tap"
-
-
-def _quantile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
 
 
 async def one_rate(
@@ -112,7 +107,7 @@ async def one_rate(
     tap.clear()
     complete = len(latencies) >= len(commits)
     p50, p95, p99 = (
-        (_quantile(latencies, q) for q in (0.5, 0.95, 0.99)) if len(latencies) > 10 else (0, 0, 0)
+        (quantile(latencies, q) for q in (0.5, 0.95, 0.99)) if len(latencies) > 10 else (0, 0, 0)
     )
     return Figure(
         "e2e",
@@ -131,8 +126,8 @@ async def one_rate(
             "handled": len(latencies),
             "committed": len(commits),
             "sustained": complete and p99 < 50,
-            "commit_to_broker_p50": round(_quantile(to_broker, 0.5), 2) if to_broker else None,
-            "commit_to_broker_p99": round(_quantile(to_broker, 0.99), 2) if to_broker else None,
+            "commit_to_broker_p50": round(quantile(to_broker, 0.5), 2) if to_broker else None,
+            "commit_to_broker_p99": round(quantile(to_broker, 0.99), 2) if to_broker else None,
             "cpu_ms_per_message": {
                 role: round(1000 * cpu / max(1, len(latencies)), 3) for role, cpu in by_role.items()
             },

@@ -114,6 +114,11 @@ def _cores() -> int:
     return os.cpu_count() or 0
 
 
+def quantile(values: list[float], q: float) -> float:
+    """The *q* quantile (0-1) of *values*, interpolated in 1000 steps."""
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
+
+
 def mean(values: Iterable[float]) -> float:
     values = list(values)
     return statistics.fmean(values) if values else 0.0

@@ -30,7 +30,7 @@ from bench import write_path
 from bench.consumer_app import domain
 from bench.env import BenchEnv
 from bench.procs import services
-from bench.report import Figure, Results
+from bench.report import Figure, Results, quantile
 from postroom import upkeep
 
 RATE = 200
@@ -128,12 +128,11 @@ async def _latency(conn: asyncpg.Connection, commits: list[list[float]]) -> dict
     )
     if len(values) < 100:
         return {"handled": len(values), "committed": len(committed)}
-    pick = lambda q: round(values[min(len(values) - 1, int(q * len(values)))], 2)  # noqa: E731
     return {
         "handled": len(values),
         "committed": len(committed),
-        "p50": pick(0.5),
-        "p99": pick(0.99),
+        "p50": round(quantile(values, 0.5), 2),
+        "p99": round(quantile(values, 0.99), 2),
         "max": round(values[-1], 2),
     }
 

@@ -145,7 +145,7 @@ async def _run_batch(
                     raise _HandlerFailed from exc
                 results.append(result_of(Outcome.ACKED, message))
                 continue
-            await write(session, item, consumer, pipeline.outbox, pipeline.schema)
+            await write(session, item, consumer, pipeline.outbox)
             failures.append(item)
             results.append(item.result)
     for failure in failures:
@@ -200,7 +200,7 @@ async def _run_handler(
 
 async def _settle_alone(failure: Failure, consumer: Consumer[Any], pipeline: Pipeline) -> Result:
     async with pipeline.sessions() as session, session.begin():
-        await write(session, failure, consumer, pipeline.outbox, pipeline.schema)
+        await write(session, failure, consumer, pipeline.outbox)
     point = (
         faults.WORKER_AFTER_RETRY_COMMIT
         if failure.retry

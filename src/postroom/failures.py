@@ -145,7 +145,7 @@ def undecodable(
 
 
 async def write(
-    session: AsyncSession, failure: Failure, consumer: Consumer[Any], outbox: Outbox, schema: str
+    session: AsyncSession, failure: Failure, consumer: Consumer[Any], outbox: Outbox
 ) -> None:
     """Write a failure's retry row or dead letter in the caller's transaction."""
     if failure.retry is not None:
@@ -157,32 +157,25 @@ async def write(
             delay=failure.delay,
         )
     elif failure.letter is not None:
-        await deadletters.record(session, failure.letter, schema=schema)
+        await deadletters.record(session, failure.letter, schema=outbox.schema)
 
 
 def log_failure(failure: Failure, consumer: Consumer[Any]) -> None:
     """Log a failure once its transaction committed (not before: it might not)."""
     result = failure.result
+    fields = {
+        "message_id": result.message_id,
+        "consumer": consumer.name,
+        "topic": result.topic,
+        "attempt": result.attempt,
+        "error": result.error,
+    }
     if failure.retry is not None:
-        log.info(
-            "message.retry_scheduled",
-            message_id=result.message_id,
-            consumer=consumer.name,
-            topic=result.topic,
-            attempt=result.attempt,
-            retry_in_seconds=round(failure.delay.total_seconds(), 3) if failure.delay else 0,
-            error=result.error,
-        )
+        delay = round(failure.delay.total_seconds(), 3) if failure.delay else 0
+        log.info("message.retry_scheduled", retry_in_seconds=delay, **fields)
     else:
-        log.warning(
-            "message.dead_lettered",
-            message_id=result.message_id,
-            consumer=consumer.name,
-            topic=result.topic,
-            attempt=result.attempt,
-            reason=result.reason.value if result.reason else None,
-            error=result.error,
-        )
+        reason = result.reason.value if result.reason else None
+        log.warning("message.dead_lettered", reason=reason, **fields)
 
 
 def result_of(outcome: Outcome, message: Message, **extra: Any) -> Result:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, Table, delete, func, select, text, tuple_
+from sqlalchemy import Select, Table, delete, func, select, tuple_
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
@@ -244,11 +244,6 @@ async def vacuum(engine: AsyncEngine, schema: str) -> list[str]:
         for name in names:
             await autocommit.exec_driver_sql(f"VACUUM (ANALYZE) {name}")
     return names
-
-
-async def autovacuum_enabled(connection: AsyncConnection) -> bool:
-    """Return whether the server runs autovacuum (``SHOW autovacuum``)."""
-    return str(await connection.scalar(text("SHOW autovacuum"))).lower() == "on"
 
 
 async def _guarded(
