@@ -7,11 +7,44 @@ from __future__ import annotations
 
 
 class PostroomError(Exception):
-    """Root of postroom's errors: catch this to handle any of them."""
+    """Root of postroom's errors: catch this to handle any of them.
+
+    ``exit_code`` is what a ``postroom`` command exits with when this error ends it: 1 for
+    a refusal or failure, 2 for configuration a person must fix, 3 for a dependency that
+    cannot be reached.
+    """
+
+    exit_code = 1
 
 
 class ConfigError(PostroomError):
     """Settings are missing, malformed or unknown; raised at start-up, never later."""
+
+    exit_code = 2
+
+
+class SchemaNotReadyError(ConfigError):
+    """postroom's schema is missing or behind the package's head: run ``postroom migrate``.
+
+    Raised by the relay's and worker's pre-flight and by ``publish()`` when the outbox
+    table does not exist, so nothing is consumed or written against a wrong schema.
+    """
+
+    def __init__(self, schema: str, current: str | None, head: str | None) -> None:
+        if current is None:
+            state = f"schema {schema!r} has no postroom tables (head is {head})"
+        else:
+            state = f"schema {schema!r} is at revision {current}, behind head {head}"
+        super().__init__(f"{state}; run `postroom migrate`")
+        self.schema = schema
+        self.current = current
+        self.head = head
+
+
+class UnreachableError(PostroomError):
+    """A dependency (database or broker) did not answer; the text names which and where."""
+
+    exit_code = 3
 
 
 class NotInTransactionError(PostroomError):
@@ -85,3 +118,5 @@ class UnknownDeadLetterError(PostroomError):
 
 class TableBusyError(PostroomError):
     """Upkeep gave up waiting for a lock rather than queue behind it and stall the hot path."""
+
+    exit_code = 3
