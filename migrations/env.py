@@ -11,23 +11,23 @@ import asyncio
 from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
+from postroom.database import Database
 from postroom.tables import VERSION_TABLE, metadata
 
 config = context.config
 
 
-def _target() -> tuple[str, str]:
-    url = config.attributes.get("postroom_url")
+def _target() -> tuple[Database, str]:
+    database = config.attributes.get("postroom_database")
     schema = config.attributes.get("postroom_schema")
-    if url is None or schema is None:
+    if database is None or schema is None:
         from postroom.settings import Settings
 
         settings = Settings.from_env()
-        url = settings.database_url.get_secret_value()
+        database = settings.database
         schema = settings.schema_name
-    return url, schema
+    return database, schema
 
 
 def _configure(connection: Connection, schema: str) -> None:
@@ -46,8 +46,8 @@ def _configure(connection: Connection, schema: str) -> None:
         context.run_migrations()
 
 
-async def _run_online(url: str, schema: str) -> None:
-    engine = create_async_engine(url)
+async def _run_online(database: Database, schema: str) -> None:
+    engine = database.engine(application_name="postroom-migrate")
     try:
         async with engine.begin() as connection:
             await connection.run_sync(_configure, schema)
@@ -58,12 +58,12 @@ async def _run_online(url: str, schema: str) -> None:
 def main() -> None:
     if context.is_offline_mode():
         raise SystemExit("postroom migrations run online only (they need the schema name)")
-    url, schema = _target()
     connection = config.attributes.get("connection")
     if connection is not None:
-        _configure(connection, schema)
+        _configure(connection, config.attributes["postroom_schema"])
     else:
-        asyncio.run(_run_online(url, schema))
+        database, schema = _target()
+        asyncio.run(_run_online(database, schema))
 
 
 main()

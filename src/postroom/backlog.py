@@ -70,13 +70,10 @@ async def watch(settings: Settings, metrics: Metrics, stop: asyncio.Event) -> No
         while not stop.is_set():
             try:
                 if db is None or db.is_closed():
-                    db = await asyncpg.connect(
-                        settings.asyncpg_dsn,
+                    db = await settings.database.connect(
+                        application_name="postroom-backlog",
                         timeout=QUERY_TIMEOUT,
-                        server_settings={
-                            "application_name": "postroom-backlog",
-                            "statement_timeout": str(int(QUERY_TIMEOUT * 1000)),
-                        },
+                        server_settings={"statement_timeout": str(int(QUERY_TIMEOUT * 1000))},
                     )
                 state = await read_state(db, settings.schema_name)
                 metrics.outbox_state(

@@ -11,14 +11,13 @@ import asyncio
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-import asyncpg
 from alembic.script import ScriptDirectory
 
 from postroom import migrate, rabbit
 from postroom.errors import ConfigError
-from postroom.settings import Settings, redact_url
+from postroom.settings import Settings
+from postroom.tls import Verify
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -54,8 +53,8 @@ async def run_checks(settings: Settings, *, timeout: float = DEFAULT_TIMEOUT) ->
     Never raises for an unreachable or misconfigured dependency: each problem becomes a
     failed :class:`CheckResult`. The schema is only checked once the database answered.
     """
-    db_url = redact_url(settings.asyncpg_dsn)
-    amqp_url = redact_url(settings.amqp_url.get_secret_value())
+    db_url = settings.database.redacted
+    amqp_url = settings.broker.redacted
     database = await _bounded("database", db_url, _database(settings), timeout, settings)
     if database.ok:
         schema = await _bounded("migrations", db_url, _migrations(settings), timeout, settings)
@@ -83,13 +82,33 @@ async def _bounded(
 
 
 async def _database(settings: Settings) -> tuple[bool, str]:
-    connection = await asyncpg.connect(settings.asyncpg_dsn, timeout=DEFAULT_TIMEOUT)
+    database = settings.database
+    connection = await database.connect(application_name="postroom-check", timeout=DEFAULT_TIMEOUT)
     try:
         version = await connection.fetchval("SHOW server_version")
         autovacuum = await connection.fetchval("SHOW autovacuum")
+        tls = await connection.fetchrow(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        )
     finally:
         await connection.close(timeout=2)
-    detail = f"{redact_url(settings.asyncpg_dsn)} (PostgreSQL {version})"
+    detail = f"{database.redacted} (PostgreSQL {version}); "
+    encrypted = bool(tls and tls["ssl"])
+    if encrypted:
+        assert tls is not None and database.tls is not None  # encrypted means we offered TLS
+        detail += f"TLS {tls['version']}, {database.tls.describe()}"
+    else:
+        detail += "not encrypted"
+    if not database.loopback and not encrypted:
+        detail += (
+            "; warning: a remote database without TLS; add sslmode=verify-full and "
+            "sslrootcert=<CA file> to POSTROOM_DATABASE_URL"
+        )
+    elif not database.loopback and database.tls is not None and database.tls.verify is Verify.NONE:
+        detail += (
+            "; warning: the server's certificate is not verified; use sslmode=verify-full "
+            "with sslrootcert=<CA file> in POSTROOM_DATABASE_URL"
+        )
     if autovacuum != "on":
         # Not a failure (the relay and workers run fine), but the outbox would bloat.
         detail += (
@@ -122,10 +141,24 @@ async def _migrations(settings: Settings) -> tuple[bool, str]:
 
 
 async def _broker(settings: Settings) -> tuple[bool, str]:
-    url = settings.amqp_url.get_secret_value()
-    connection = await rabbit.connect(url, name="postroom-check", timeout=DEFAULT_TIMEOUT)
+    broker = settings.broker
+    connection = await rabbit.connect(broker, name="postroom-check", timeout=DEFAULT_TIMEOUT)
     await connection.close()
-    return True, redact_url(url)
+    detail = broker.redacted + "; "
+    if broker.tls is not None:
+        # aiormq refuses an amqps:// connection whose handshake failed, so this one is
+        # encrypted, and checked as far as our context asks (always CA and host name).
+        detail += f"TLS, {broker.tls.describe()}"
+    else:
+        detail += "not encrypted"
+    if not broker.loopback and broker.tls is None:
+        detail += "; warning: a remote broker without TLS; use amqps:// in POSTROOM_AMQP_URL"
+    if not broker.loopback and broker.user == "guest":
+        detail += (
+            "; warning: the guest user on a remote broker; create a user of your own and "
+            "put it in POSTROOM_AMQP_URL"
+        )
+    return True, detail
 
 
 def _hint(exc: Exception) -> str:
@@ -137,16 +170,5 @@ def _hint(exc: Exception) -> str:
 
 
 def _mask(text: str, settings: Settings) -> str:
-    """Replace any password of the configured URLs that *text* might echo."""
-    for url in (settings.database_url.get_secret_value(), settings.amqp_url.get_secret_value()):
-        for password in _passwords(url):
-            text = text.replace(password, "***")
-    return text.replace("\n", " ")[:500]
-
-
-def _passwords(url: str) -> set[str]:
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return set()
-    return {password, unquote(password)} if password else set()
+    """Replace any secret of the settings that *text* might echo."""
+    return settings.mask(text).replace("\n", " ")[:500]

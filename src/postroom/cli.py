@@ -4,21 +4,66 @@ from __future__ import annotations
 
 import signal
 import sys
+import traceback
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from postroom import cli_ops
 from postroom.cli_dead_letters import dead_letters_app
 from postroom.errors import ConfigError, PostroomError
 from postroom.settings import Settings
 
+
+class _Answering(TyperGroup):
+    """Run a command; end any failure with one line and its exit code (``explain``).
+
+    The traceback is printed too (secrets masked) with ``--debug`` or
+    ``POSTROOM_LOG_LEVEL=DEBUG``; never otherwise.
+    """
+
+    def invoke(self, ctx: Any) -> Any:  # typer's (vendored) click Context
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
+            raise  # usage errors, exits and ^C are click's to report
+        except Exception as exc:
+            from postroom.diagnosis import explain
+
+            try:
+                settings: Settings | None = Settings.from_env()
+            except ConfigError:
+                settings = None
+            debug = bool(ctx.meta.get("postroom.debug")) or (
+                settings is not None and settings.log_level == "DEBUG"
+            )
+            if debug:
+                text = "".join(traceback.format_exception(exc))
+                typer.echo(settings.mask(text) if settings else text, err=True, nl=False)
+            answer = explain(exc, settings)
+            fail(answer.line, answer.code)
+
+
 app = typer.Typer(
+    cls=_Answering,
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
     help="postroom: transactional outbox, relay and idempotent consumers.",
 )
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="On failure, print the traceback too.")
+    ] = False,
+) -> None:
+    """postroom: transactional outbox, relay and idempotent consumers."""
+    ctx.meta["postroom.debug"] = debug
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -38,7 +83,14 @@ def load_settings() -> Settings:
 def _configure_logs(settings: Settings) -> None:
     from postroom import logs
 
-    logs.configure(settings.log_format, settings.log_level)
+    logs.configure(settings.log_format, settings.log_level, secrets=settings.secrets())
+
+
+def _run(check: Any) -> None:
+    """Run the pre-flight coroutine *check* to completion before the service starts."""
+    import asyncio
+
+    asyncio.run(check)
 
 
 @app.command()
@@ -50,10 +102,7 @@ def migrate(
     _configure_logs(settings)
     from postroom.migrate import upgrade
 
-    try:
-        upgrade(settings, revision)
-    except (OSError, PostroomError) as exc:
-        fail(f"migration failed: {exc}", 1)
+    upgrade(settings, revision)
     typer.echo(f"postroom schema {settings.schema_name!r} is at {revision}")
 
 
@@ -62,9 +111,11 @@ def relay() -> None:
     """Publish committed outbox rows to RabbitMQ until SIGTERM."""
     settings = load_settings()
     _configure_logs(settings)
+    from postroom.preflight import preflight
     from postroom.process import run_service
     from postroom.service import run_relay
 
+    _run(preflight(settings, name="postroom-relay"))
     run_service(lambda stop: run_relay(settings, stop), event_loop=settings.event_loop)
 
 
@@ -78,13 +129,12 @@ def worker(
     settings = load_settings()
     _configure_logs(settings)
     from postroom.loader import load_router
+    from postroom.preflight import preflight
     from postroom.process import run_service
     from postroom.service import run_worker
 
-    try:
-        loaded = load_router(router)
-    except PostroomError as exc:
-        fail(str(exc))
+    loaded = load_router(router)
+    _run(preflight(settings, name="postroom-worker"))
     run_service(lambda stop: run_worker(settings, loaded, stop), event_loop=settings.event_loop)
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from postroom.errors import ConfigError, PostroomError, TableBusyError
+from postroom.errors import ConfigError, PostroomError
 from postroom.settings import Settings
 
 if TYPE_CHECKING:
@@ -49,39 +49,21 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def run(work: Callable[[Settings, AsyncEngine], Awaitable[T]]) -> T:
-    """Run *work* against the configured database; map failures to exit codes."""
-    from sqlalchemy.exc import DBAPIError
-    from sqlalchemy.ext.asyncio import create_async_engine
-
+    """Run *work* against the configured database; failures propagate to the CLI's answer."""
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         fail(str(exc))
 
     async def main() -> T:
-        engine = create_async_engine(
-            settings.database_url.get_secret_value(),
-            pool_size=2,
-            connect_args={"server_settings": {"application_name": "postroom-ops"}},
-        )
+        engine = settings.database.engine(application_name="postroom-ops", pool_size=2)
         try:
             return await work(settings, engine)
         finally:
             await engine.dispose()
 
-    try:
-        return asyncio.run(main())
-    except TableBusyError as exc:
-        fail(str(exc), 3)
-    except PostroomError as exc:
-        fail(str(exc))
-    except DBAPIError as exc:
-        hint = ""
-        if getattr(exc.orig, "sqlstate", None) in ("42P01", "3F000"):
-            hint = f" (is schema {settings.schema_name!r} migrated? run `postroom migrate`)"
-        fail(f"database error: {str(exc.orig).strip()}{hint}", 3)
-    except OSError as exc:
-        fail(f"cannot reach the database: {exc}", 3)
+    # Failures end in postroom.cli's one-line answer (postroom.diagnosis.explain).
+    return asyncio.run(main())
 
 
 def actor_or_user(actor: str | None) -> str:

@@ -32,7 +32,9 @@ class SchemaNotReadyError(ConfigError):
 
     def __init__(self, schema: str, current: str | None, head: str | None) -> None:
         if current is None:
-            state = f"schema {schema!r} has no postroom tables (head is {head})"
+            state = f"schema {schema!r} has no postroom tables" + (
+                f" (head is {head})" if head else ""
+            )
         else:
             state = f"schema {schema!r} is at revision {current}, behind head {head}"
         super().__init__(f"{state}; run `postroom migrate`")

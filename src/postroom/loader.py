@@ -21,7 +21,9 @@ def load_router(spec: str) -> Router:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import {module_name!r}: {exc}") from None
-    router = getattr(module, attribute, None)
+    if not hasattr(module, attribute):
+        raise ConfigError(f"module {module_name!r} has no attribute {attribute!r} (in {spec!r})")
+    router = getattr(module, attribute)
     if not isinstance(router, Router):
         raise ConfigError(f"{spec!r} is {type(router).__name__}, not a postroom Router")
     if not len(router):

@@ -8,13 +8,28 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import structlog
 
+from postroom.redaction import mask
 
-def configure(fmt: Literal["json", "console"] = "json", level: str = "INFO") -> None:
-    """Route structlog and stdlib logging to stderr in one format."""
+
+def configure(
+    fmt: Literal["json", "console"] = "json", level: str = "INFO", *, secrets: Iterable[str] = ()
+) -> None:
+    """Route structlog and stdlib logging to stderr in one format, *secrets* masked.
+
+    Every rendered line, at every level, our own and client libraries' (tracebacks
+    included), passes through :func:`postroom.redaction.mask` last, so a password a
+    driver echoes in an error never reaches the log.
+    """
+    hidden = frozenset(secret for secret in secrets if secret)
+
+    def masked(_logger: Any, _name: str, line: Any) -> Any:
+        return mask(line, hidden) if isinstance(line, str) and hidden else line
+
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -41,7 +56,11 @@ def configure(fmt: Literal["json", "console"] = "json", level: str = "INFO") -> 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processor=renderer,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                renderer,
+                masked,
+            ],
             foreign_pre_chain=shared,
         )
     )

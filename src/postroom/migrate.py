@@ -11,7 +11,6 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from postroom.errors import ConfigError
 from postroom.settings import Settings
@@ -33,7 +32,7 @@ def alembic_config(settings: Settings) -> Config:
     """Return an Alembic config aimed at *settings*' database and schema."""
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
-    config.attributes["postroom_url"] = settings.database_url.get_secret_value()
+    config.attributes["postroom_database"] = settings.database
     config.attributes["postroom_schema"] = settings.schema_name
     return config
 
@@ -45,7 +44,7 @@ def upgrade(settings: Settings, revision: str = "head") -> None:
 
 async def upgrade_async(settings: Settings, revision: str = "head") -> None:
     """Like :func:`upgrade`, for code already running in an event loop (app start-up)."""
-    engine = create_async_engine(settings.database_url.get_secret_value())
+    engine = settings.database.engine(application_name="postroom-migrate")
     try:
         async with engine.begin() as connection:
 
@@ -67,7 +66,7 @@ def head_revision() -> str | None:
 
 async def current_revision(settings: Settings) -> str | None:
     """Return the revision the database is at, or None if postroom was never migrated."""
-    engine = create_async_engine(settings.database_url.get_secret_value())
+    engine = settings.database.engine(application_name="postroom-migrate")
     try:
         async with engine.connect() as connection:
             exists = await connection.scalar(

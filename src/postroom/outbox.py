@@ -14,9 +14,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Interval, bindparam, func, insert, select
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from postroom.errors import InvalidMessageError, MessageTooLargeError, NotInTransactionError
+from postroom.errors import (
+    InvalidMessageError,
+    MessageTooLargeError,
+    NotInTransactionError,
+    SchemaNotReadyError,
+)
 from postroom.events import Event, topic_of
 from postroom.message import HeaderValue, Message, uuid7
 from postroom.settings import Settings
@@ -26,6 +32,7 @@ from postroom.tracing import new_traceparent
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 _RESERVED_PREFIXES = ("x-", "postroom-", "cloudevents_", "cloudevents:", "ce-", "ce_")
 _NOTIFIED = "postroom.notified_transaction"
+_NOT_MIGRATED = ("42P01", "3F000")  # undefined table, invalid schema name
 
 
 def notify_channel(schema: str) -> str:
@@ -65,7 +72,8 @@ class Outbox:
 
         Rows sharing *key* are relayed in commit order; *delay* holds the message back.
         Raises NotInTransactionError (no transaction is open), MessageTooLargeError and
-        EventDefinitionError before anything is written.
+        EventDefinitionError before anything is written, and SchemaNotReadyError if the
+        outbox table does not exist (run ``postroom migrate``).
         """
         topic = topic_of(event)
         body = event.model_dump_json().encode()
@@ -130,7 +138,12 @@ class Outbox:
         notify = self.notify and not _notified(session)
         statement = _insert_statement(self.schema if notify else None, delayed=delayed)
         translate = {"schema_translate_map": schema_map(self.schema)}
-        await connection.execute(statement, values, execution_options=translate)
+        try:
+            await connection.execute(statement, values, execution_options=translate)
+        except ProgrammingError as exc:
+            if getattr(exc.orig, "sqlstate", None) in _NOT_MIGRATED:
+                raise SchemaNotReadyError(self.schema, None, None) from exc
+            raise
 
 
 @functools.cache

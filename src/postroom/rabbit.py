@@ -20,6 +20,7 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
+from postroom.broker import Broker
 from postroom.errors import TopologyMismatchError
 
 PERSISTENT = 2
@@ -34,9 +35,22 @@ between two relay batches). aiormq derives it from RuntimeError, not from AMQPEr
 is an outage to retry like any other lost connection."""
 
 
-async def connect(url: str, *, name: str, timeout: float = 10.0) -> AbstractConnection:
-    """Open a plain (non-robust) connection; callers own reconnection explicitly."""
-    return await aio_pika.connect(url, timeout=timeout, client_properties={"connection_name": name})
+async def connect(
+    broker: Broker | str, *, name: str, timeout: float = 10.0
+) -> AbstractConnection:
+    """Open a plain (non-robust) connection; callers own reconnection explicitly.
+
+    *broker* is ``settings.broker`` (its TLS context verifies ``amqps://`` peers); a bare
+    URL is parsed as one with no TLS files, so it verifies against the system store.
+    """
+    if isinstance(broker, str):
+        broker = Broker.parse(broker)
+    return await aio_pika.connect(
+        broker.url,
+        timeout=timeout,
+        ssl_context=broker.ssl_context,
+        client_properties={"connection_name": name},
+    )
 
 
 @dataclass(frozen=True, slots=True)

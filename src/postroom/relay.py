@@ -135,15 +135,13 @@ class Relay:
             database=redact_url(settings.asyncpg_dsn),
             amqp=redact_url(settings.amqp_url.get_secret_value()),
         )
-        self._db = await asyncpg.connect(
-            settings.asyncpg_dsn, timeout=10, server_settings={"application_name": self._name}
-        )
+        self._db = await settings.database.connect(application_name=self._name, timeout=10)
         await self._db.set_type_codec(
             "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
         )
         await self._db.add_listener(notify_channel(settings.schema_name), self._on_notify)
         self._peer_state(database=True)
-        self._amqp = await rabbit.connect(settings.amqp_url.get_secret_value(), name=self._name)
+        self._amqp = await rabbit.connect(settings.broker, name=self._name)
         await rabbit.declare_exchange(self._amqp, settings.exchange)
         self._publisher = await rabbit.ConfirmingPublisher.open(self._amqp)
         self._peer_state(broker=True)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import structlog
 
 from postroom import backlog
+from postroom.errors import ConfigError
 from postroom.health import HealthServer, ReadyCheck
 from postroom.metrics import Metrics
 from postroom.relay import Relay
@@ -26,6 +28,8 @@ from postroom.worker import Worker
 log = structlog.get_logger("postroom.service")
 
 DRAINING = "draining: the process is shutting down"
+DEFAULT_PORTS = {"relay": 9000, "worker": 9001}
+"""Health ports when POSTROOM_HEALTH_PORT is unset: one per role, so both fit on a host."""
 CANCEL_WAIT = 2.0
 """Seconds to wait for a main task to unwind after its grace period was cancelled."""
 
@@ -38,25 +42,46 @@ async def serving(
     metrics: Metrics,
     stop: asyncio.Event,
     port: int | None = None,
+    role: str = "relay",
 ) -> AsyncIterator[HealthServer | None]:
     """Serve health and metrics for the duration of the block; yield the server.
 
     *port* None means ``settings.health_port``, where 0 turns the server off (then None is
-    yielded); an explicit *port* is bound as given, 0 picking a free one (for tests). Once
-    *stop* is set ``/readyz`` answers 503 "draining" whatever *ready* says, so load
-    balancers and KEDA stop counting on the process while it drains; ``/livez`` stays 200.
+    yielded) and unset means *role*'s default port (:data:`DEFAULT_PORTS`), so a relay and
+    a worker run side by side with default settings; if that default is taken (a second
+    worker on the host) a free port is bound and logged. A port set explicitly and taken
+    is a :class:`ConfigError`. An explicit *port* is bound as given, 0 picking a free one
+    (for tests). Once *stop* is set ``/readyz`` answers 503 "draining" whatever *ready*
+    says, so load balancers and KEDA stop counting on the process while it drains;
+    ``/livez`` stays 200.
     """
-    if port is None:
-        port = settings.health_port
-        if port == 0:
-            yield None
-            return
+    chosen = settings.health_port if port is None else port
+    if port is None and chosen == 0:
+        yield None
+        return
 
     def readiness() -> str | None:
         return DRAINING if stop.is_set() else ready()
 
-    server = HealthServer(host=settings.health_host, port=port, ready=readiness, metrics=metrics)
-    await server.start()
+    def server_on(number: int) -> HealthServer:
+        return HealthServer(
+            host=settings.health_host, port=number, ready=readiness, metrics=metrics
+        )
+
+    server = server_on(DEFAULT_PORTS[role] if chosen is None else chosen)
+    try:
+        await server.start()
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        if chosen is not None:
+            raise ConfigError(
+                f"health server: {settings.health_host}:{chosen} is already in use (another "
+                "postroom process?); set POSTROOM_HEALTH_PORT to a free port, or 0 for none"
+            ) from None
+        log.warning("health.default_port_taken", port=DEFAULT_PORTS[role], role=role)
+        server = server_on(0)
+        await server.start()
     try:
         yield server
     finally:
@@ -162,6 +187,8 @@ async def run_worker(
         return None if worker.ready else "worker is not consuming"
 
     log.info("worker.starting", settings=settings.describe(), consumers=[c.name for c in router])
-    async with serving(settings, ready=ready, metrics=metrics, stop=stop, port=health_port):
+    async with serving(
+        settings, ready=ready, metrics=metrics, stop=stop, port=health_port, role="worker"
+    ):
         await worker.run(stop)
     log.info("worker.stopped", outcomes=worker.stats.outcomes, requeued=worker.stats.requeued)

@@ -8,35 +8,26 @@ a misspelt setting that is silently ignored is a production incident waiting to 
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
-from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from postroom.broker import Broker
+from postroom.database import Database
 from postroom.errors import ConfigError
+from postroom.redaction import mask
+from postroom.redaction import redact_url as redact_url  # the relay and worker import it here
 
 PREFIX = "POSTROOM_"
 FILE_SUFFIX = "_FILE"
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
-
-def redact_url(url: str) -> str:
-    """Return *url* with its password replaced, safe to log."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 class _EnvWithFiles(PydanticBaseSettingsSource):
@@ -128,7 +119,22 @@ class Settings(BaseSettings):
     )
     amqp_url: SecretStr = Field(
         default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"),
-        description="RabbitMQ URL, amqp:// or amqps://.",
+        description="RabbitMQ URL, amqp:// or amqps:// (TLS, certificate and host name "
+        "verified).",
+    )
+    amqp_tls_ca: str | None = Field(
+        default=None,
+        description="amqps: file of the CA that signed the broker's certificate; unset = "
+        "the system trust store.",
+    )
+    amqp_tls_cert: str | None = Field(
+        default=None, description="amqps: client certificate file (needs the key too)."
+    )
+    amqp_tls_key: str | None = Field(
+        default=None, description="amqps: client private key file (needs the certificate too)."
+    )
+    amqp_tls_key_password: SecretStr | None = Field(
+        default=None, description="amqps: password of an encrypted client key."
     )
     schema_name: str = Field(
         default="postroom", alias="schema", description="Postgres schema of postroom's tables."
@@ -189,8 +195,13 @@ class Settings(BaseSettings):
         "(the relay's batch, the worker's handlers) before it gives up on it.",
     )
     health_host: str = Field(default="0.0.0.0", description="Address of the health server.")
-    health_port: int = Field(
-        default=9000, ge=0, le=65535, description="Port for /livez, /readyz, /metrics; 0 = off."
+    health_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port for /livez, /readyz, /metrics; 0 = off; unset = 9000 for the "
+        "relay and 9001 for the worker, so both run side by side on one host (if that "
+        "default port is taken, a free one is used and logged as health.serving).",
     )
     metrics_interval: float = Field(
         default=10.0,
@@ -248,29 +259,52 @@ class Settings(BaseSettings):
     @classmethod
     def _check_database_url(cls, value: SecretStr) -> SecretStr:
         url = value.get_secret_value()
-        parts = urlsplit(url)
-        scheme = parts.scheme
+        scheme = url.split("://", 1)[0] if "://" in url else ""
         if scheme in ("postgresql", "postgres"):
             url = "postgresql+asyncpg" + url[len(scheme) :]
-        elif scheme != "postgresql+asyncpg":
-            raise ValueError(
-                f"must start with postgresql+asyncpg:// (got scheme {scheme or 'none'!r})"
-            )
-        if not parts.hostname and "host=" not in parts.query:
-            raise ValueError("has no host")
+        try:
+            Database.parse(url)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("POSTROOM_DATABASE_URL: ")) from None
         return SecretStr(url)
 
-    @field_validator("amqp_url")
-    @classmethod
-    def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in ("amqp", "amqps"):
-            raise ValueError(
-                f"must start with amqp:// or amqps:// (got {parts.scheme or 'none'!r})"
-            )
-        if not parts.hostname:
-            raise ValueError("has no host")
-        return value
+    @model_validator(mode="after")
+    def _check_broker(self) -> Settings:
+        _ = self.broker  # raises ConfigError for a bad URL or TLS file, at start
+        return self
+
+    @property
+    def database(self) -> Database:
+        """The database connection every component derives its connections from.
+
+        Parsed once per URL (a copy of these settings with another URL gets its own).
+        """
+        return _parse_database(self.database_url.get_secret_value())
+
+    @property
+    def broker(self) -> Broker:
+        """The broker connection (URL and TLS) every component connects with."""
+        password = self.amqp_tls_key_password
+        return _parse_broker(
+            self.amqp_url.get_secret_value(),
+            self.amqp_tls_ca,
+            self.amqp_tls_cert,
+            self.amqp_tls_key,
+            password.get_secret_value() if password is not None else None,
+        )
+
+    def secrets(self) -> set[str]:
+        """Every secret value these settings hold: masked in all that postroom prints."""
+        found = self.database.secrets | self.broker.secrets
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if field.annotation in (SecretStr, SecretStr | None) and value is not None:
+                found.add(value.get_secret_value())
+        return found
+
+    def mask(self, text: str) -> str:
+        """Return *text* with every secret of these settings replaced by ``***``."""
+        return mask(text, self.secrets())
 
     @field_validator("schema_name")
     @classmethod
@@ -281,7 +315,10 @@ class Settings(BaseSettings):
 
     @property
     def asyncpg_dsn(self) -> str:
-        """The database URL in the form asyncpg itself accepts."""
+        """The database URL in libpq's form, for tools such as psql and tests.
+
+        postroom itself connects through :attr:`database`, never through this string.
+        """
         return self.database_url.get_secret_value().replace(
             "postgresql+asyncpg://", "postgresql://", 1
         )
@@ -291,7 +328,21 @@ class Settings(BaseSettings):
         shown: dict[str, object] = self.model_dump(by_alias=True)
         shown["database_url"] = redact_url(self.database_url.get_secret_value())
         shown["amqp_url"] = redact_url(self.amqp_url.get_secret_value())
+        if self.amqp_tls_key_password is not None:
+            shown["amqp_tls_key_password"] = "***"
         return shown
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_database(url: str) -> Database:
+    return Database.parse(url)
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_broker(
+    url: str, ca: str | None, cert: str | None, key: str | None, key_password: str | None
+) -> Broker:
+    return Broker.parse(url, ca=ca, cert=cert, key=key, key_password=key_password)
 
 
 def _describe(exc: ValidationError) -> str:
@@ -299,7 +350,7 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors(include_url=False, include_input=False):
         field = str(error["loc"][0]) if error["loc"] else "?"
         name = "schema" if field == "schema_name" else field
-        problems.append(f"{PREFIX}{name.upper()}: {error['msg']}")
+        problems.append(f"{PREFIX}{name.upper()}: {error['msg'].removeprefix('Value error, ')}")
     return "invalid settings: " + "; ".join(problems)
 
 
@@ -347,7 +398,7 @@ def reference() -> str:
 def _type_of(field: FieldInfo) -> str:
     annotation = field.annotation
     names = {str: "string", int: "integer", float: "number", bool: "boolean"}
-    if annotation is SecretStr:
+    if annotation is SecretStr or SecretStr in get_args(annotation):
         text = "string, secret"
     elif get_origin(annotation) is Literal:
         text = "one of " + ", ".join(f"`{choice}`" for choice in get_args(annotation))
@@ -370,7 +421,7 @@ def _default_of(field: FieldInfo) -> str:
     if value is None:
         return "unset"
     if isinstance(value, SecretStr):
-        value = value.get_secret_value()
+        value = redact_url(value.get_secret_value())
     if isinstance(value, bool):
         value = str(value).lower()
     return f"`{value}`"

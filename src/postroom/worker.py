@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 from postroom import faults, rabbit
@@ -104,14 +104,13 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until *stop* is set, then drain within ``shutdown_timeout`` and return."""
         settings = self._settings
-        engine = create_async_engine(
-            settings.database_url.get_secret_value(),
+        engine = settings.database.engine(
+            application_name=self._name,
             pool_size=settings.worker_concurrency + 2,
             max_overflow=4,
             # No ping per checkout (a round trip per message): a dead connection fails
             # the dispatch, the message is requeued and the worker reconnects.
             pool_pre_ping=False,
-            connect_args={"server_settings": {"application_name": self._name}},
         )
         pipeline = Pipeline(
             sessions=async_sessionmaker(engine, expire_on_commit=False),
@@ -175,9 +174,7 @@ class Worker:
                     amqp=redact_url(settings.amqp_url.get_secret_value()),
                     database=redact_url(settings.asyncpg_dsn),
                 )
-                self._connection = await rabbit.connect(
-                    settings.amqp_url.get_secret_value(), name=self._name
-                )
+                self._connection = await rabbit.connect(settings.broker, name=self._name)
 
     async def _consume(self, pipeline: Pipeline, stop: asyncio.Event) -> None:
         settings = self._settings
