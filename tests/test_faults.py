@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from postroom import faults as points
 from postroom.settings import Settings
-from postroom.tables import metadata, schema_map
+from tests.conftest import create_tables_at_head
 from tests.faults import chaos, servers
 from tests.faults.proxy import FaultProxy
 from tests.faults.workload import (
@@ -130,12 +130,7 @@ async def private(settings: Settings, names: str) -> AsyncIterator[Stage]:
         engine = create_async_engine(database_url)
         async with engine.begin() as conn2:
             await conn2.execute(text(f'CREATE SCHEMA "{settings.schema_name}"'))
-            translate = schema_map(settings.schema_name)
-            await conn2.run_sync(
-                lambda sync: metadata.create_all(
-                    sync.execution_options(schema_translate_map=translate)
-                )
-            )
+            await conn2.run_sync(create_tables_at_head, settings.schema_name)
         await engine.dispose()
         await prepare_schema(dsn, settings.schema_name)
         yield Stage(

@@ -33,7 +33,7 @@ INJECTED = {
 
 def test_injected_service_links_are_ignored():
     settings = Settings.from_env({"POSTROOM_DATABASE_URL": URL, **INJECTED})
-    assert settings.health_port == 9000  # the default, not the Service's tcp:// URL
+    assert settings.health_port is None  # the default (per role), not the Service's tcp:// URL
     assert all(is_service_link(key, value) for key, value in INJECTED.items())
 
 

@@ -114,8 +114,9 @@ class Database:
 
     @property
     def redacted(self) -> str:
-        """The URL as given, passwords hidden: for logs, errors and ``postroom check``."""
-        return redact_url(self.url)
+        """The URL in libpq's form, passwords hidden: for logs, errors and ``postroom check``."""
+        scheme, sep, rest = self.url.partition("://")
+        return redact_url(f"postgresql{sep}{rest}" if scheme in SCHEMES else self.url)
 
     @property
     def secrets(self) -> set[str]:

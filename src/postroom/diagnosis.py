@@ -3,7 +3,7 @@
 Every ``postroom`` command ends a failure through :func:`explain`: the line names what is
 wrong, where (the redacted URL) and the setting or command that fixes it, and the exit
 code says what kind of failure it was: 2 for configuration, 3 for a dependency that
-cannot be reached, 1 for anything else. :func:`database_error` and :func:`broker_error`
+cannot be reached or refused the work, 1 for anything unexpected. :func:`database_error` and :func:`broker_error`
 are the same mapping for code that wants an error object (the relay's and worker's
 pre-flight, ``migrate``). Secrets never reach the line: it is masked with the settings'.
 """
@@ -96,7 +96,7 @@ def database_error(exc: BaseException, settings: Settings) -> PostroomError:
         )
     if isinstance(cause, asyncpg.InterfaceError | asyncpg.PostgresConnectionError):
         return UnreachableError(f"{where}: {text}")
-    return PostroomError(f"{where}: {text}")
+    return UnreachableError(f"{where}: {text}")
 
 
 def broker_error(exc: BaseException, settings: Settings) -> PostroomError:
@@ -134,7 +134,7 @@ def broker_error(exc: BaseException, settings: Settings) -> PostroomError:
             f"{where}: {text or 'no answer'}; is it running? fix {BROKER_SETTING} if it is "
             "elsewhere"
         )
-    return PostroomError(f"{where}: {text}")
+    return UnreachableError(f"{where}: {text}")
 
 
 def _from_broker(exc: BaseException) -> bool:

@@ -9,12 +9,12 @@ from __future__ import annotations
 class PostroomError(Exception):
     """Root of postroom's errors: catch this to handle any of them.
 
-    ``exit_code`` is what a ``postroom`` command exits with when this error ends it: 1 for
-    a refusal or failure, 2 for configuration a person must fix, 3 for a dependency that
-    cannot be reached.
+    ``exit_code`` is what a ``postroom`` command exits with when this error ends it: 2 for
+    configuration or usage a person must fix (the default), 3 for a dependency that cannot
+    be reached or refused the work. An exception that is not a postroom error exits 1.
     """
 
-    exit_code = 1
+    exit_code = 2
 
 
 class ConfigError(PostroomError):

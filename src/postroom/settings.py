@@ -296,9 +296,11 @@ class Settings(BaseSettings):
     def secrets(self) -> set[str]:
         """Every secret value these settings hold: masked in all that postroom prints."""
         found = self.database.secrets | self.broker.secrets
+        urls = ("database_url", "amqp_url")  # their secrets are the passwords inside
         for name, field in type(self).model_fields.items():
             value = getattr(self, name)
-            if field.annotation in (SecretStr, SecretStr | None) and value is not None:
+            secret = field.annotation in (SecretStr, SecretStr | None)
+            if secret and value is not None and name not in urls:
                 found.add(value.get_secret_value())
         return found
 
