@@ -3,9 +3,9 @@
 Every ``postroom`` command ends a failure through :func:`explain`: the line names what is
 wrong, where (the redacted URL) and the setting or command that fixes it, and the exit
 code says what kind of failure it was: 2 for configuration, 3 for a dependency that
-cannot be reached or refused the work, 1 for anything unexpected. :func:`database_error` and :func:`broker_error`
-are the same mapping for code that wants an error object (the relay's and worker's
-pre-flight, ``migrate``). Secrets never reach the line: it is masked with the settings'.
+cannot be reached or refused the work, 1 for anything unexpected. :func:`database_error`
+and :func:`broker_error` are the same mapping for code that wants an error object (the
+relay's and worker's pre-flight). Secrets never reach the line: it is masked with the settings'.
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def broker_error(exc: BaseException, settings: Settings) -> PostroomError:
     broker = settings.broker
     where = f"broker {broker.redacted}"
     cause = _root(exc)
-    names = {kind.__name__ for kind in type(cause).__mro__}
+    names = {kind.__name__ for kind in type(cause).__mro__} | {
+        kind.__name__ for kind in type(exc).__mro__
+    }
     text = _text(cause)
     if names & _LOGIN_REFUSED:
         return ConfigError(
@@ -138,8 +140,8 @@ def broker_error(exc: BaseException, settings: Settings) -> PostroomError:
 
 
 def _from_broker(exc: BaseException) -> bool:
-    cause = _root(exc)
-    return any(kind.__module__.split(".")[0] in _BROKER_MODULES for kind in type(cause).__mro__)
+    kinds = (*type(exc).__mro__, *type(_root(exc)).__mro__)
+    return any(kind.__module__.split(".")[0] in _BROKER_MODULES for kind in kinds)
 
 
 def _from_database(exc: BaseException) -> bool:
@@ -151,11 +153,20 @@ def _from_database(exc: BaseException) -> bool:
 
 
 def _root(exc: BaseException) -> BaseException:
-    """The driver's own error inside SQLAlchemy's wrappers."""
-    orig = getattr(exc, "orig", None)
-    if isinstance(orig, BaseException):
-        inner = orig.__cause__
-        return inner if isinstance(inner, BaseException) else orig
+    """The innermost cause: the driver's error inside SQLAlchemy's or aiormq's wrappers.
+
+    The text of a wrapper adds nothing a person can act on; the socket or TLS error it
+    wraps (``AMQPConnectionError`` from an ``ssl.SSLCertVerificationError``) does.
+    """
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "orig", None)
+        if not isinstance(inner, BaseException):
+            inner = exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
     return exc
 
 

@@ -9,6 +9,10 @@ that is merely unreachable is not: the process starts and its supervisor waits f
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import structlog
 from alembic.script import ScriptDirectory
 
@@ -27,9 +31,10 @@ async def preflight(settings: Settings, *, name: str) -> None:
     """Raise :class:`ConfigError` if the database, schema or broker is misconfigured."""
     await check_schema(settings, name=name)
     try:
-        connection = await rabbit.connect(
-            settings.broker, name=f"{name}-preflight", timeout=TIMEOUT
-        )
+        with _quiet("aiormq.connection"):
+            connection = await rabbit.connect(
+                settings.broker, name=f"{name}-preflight", timeout=TIMEOUT
+            )
     except Exception as exc:  # each failure is mapped to config (raise) or outage (wait)
         _raise_unless_unreachable(broker_error(exc, settings), exc)
     else:
@@ -62,6 +67,24 @@ async def check_schema(settings: Settings, *, name: str) -> None:
             f"does not know (head is {head}): a newer postroom migrated it; upgrade postroom"
         )
     raise SchemaNotReadyError(settings.schema_name, current, head)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence a client library's own ERROR line for a failure we answer in one line.
+
+    At DEBUG level nothing is silenced.
+    """
+    logger = logging.getLogger(logger_name)
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        yield
+        return
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _raise_unless_unreachable(error: Exception, cause: Exception) -> None:

@@ -120,32 +120,95 @@ async def wait_port(port: int, timeout: float) -> None:
         return
 
 
+class ThrowawayCA:
+    """A certificate authority made for one test with the openssl CLI, in a temp dir.
+
+    ``issue`` signs a server certificate for the given DNS names and IP addresses; the
+    files are PEM, the keys unencrypted EC P-256 (fast to make).
+    """
+
+    def __init__(self, name: str = "postroom-test-ca") -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="postroom-ca-"))
+        self.dir.chmod(0o755)
+        self.name = name
+        self.cert = self.dir / "ca.crt"
+        self.key = self.dir / "ca.key"
+
+    async def create(self) -> ThrowawayCA:
+        await run(
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(self.key), "-out", str(self.cert), "-days", "2",
+            "-subj", f"/CN={self.name}",
+        )  # fmt: skip
+        return self
+
+    async def issue(
+        self, name: str, *, dns: tuple[str, ...] = ("localhost",), ips: tuple[str, ...] = ()
+    ) -> tuple[Path, Path]:
+        """Return (certificate, key) files for a server known by *dns* and *ips*."""
+        key, csr, cert = (self.dir / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
+        names = [f"DNS:{d}" for d in dns] + [f"IP:{i}" for i in ips]
+        extensions = self.dir / f"{name}.ext"
+        extensions.write_text(f"subjectAltName={','.join(names)}\n")
+        await run(
+            "openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={dns[0] if dns else name}",
+        )  # fmt: skip
+        await run(
+            "openssl", "x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey",
+            str(self.key), "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile",
+            str(extensions),
+        )  # fmt: skip
+        return cert, key
+
+    def destroy(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class PrivateRabbit:
     """A throwaway RabbitMQ node on free ports, data in a temp dir; stop/start at will.
 
     Runs as the ``rabbitmq`` user (which owns the Erlang cookie the CLI uses), with its own
     node name, config, empty plugin list, Mnesia and log dirs, so it shares nothing with the
-    machine's broker but epmd.
+    machine's broker but epmd. With *tls* (CA, certificate, key files) it listens for
+    AMQPS only: a plain AMQP client finds no plain listener.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path, Path] | None = None) -> None:
         self.node = f"postroom-test-{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="postroom-rabbit-"))
         shutil.chown(self.dir, "rabbitmq")
         self.dir.chmod(0o755)
+        self.tls = tls
         (self.dir / "enabled_plugins").write_text("[].\n")
-        (self.dir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n"
-        )
+        config = f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        if tls is not None:
+            ca, cert, key = (self._own(path) for path in tls)
+            config = (
+                "listeners.tcp = none\n"
+                f"listeners.ssl.default = 127.0.0.1:{self.port}\n"
+                f"ssl_options.cacertfile = {ca}\nssl_options.certfile = {cert}\n"
+                f"ssl_options.keyfile = {key}\nssl_options.verify = verify_none\n"
+                "ssl_options.fail_if_no_peer_cert = false\nloopback_users = none\n"
+            )
+        (self.dir / "rabbitmq.conf").write_text(config)
         for name in ("enabled_plugins", "rabbitmq.conf"):
             shutil.chown(self.dir / name, "rabbitmq")
         self.running = False
 
+    def _own(self, source: Path) -> Path:
+        target = self.dir / f"tls-{source.name}"
+        shutil.copyfile(source, target)
+        shutil.chown(target, "rabbitmq")
+        target.chmod(0o600)
+        return target
+
     @property
     def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        scheme = "amqps" if self.tls is not None else "amqp"
+        return f"{scheme}://guest:guest@127.0.0.1:{self.port}/"
 
     def _env(self) -> list[str]:
         return [
@@ -223,15 +286,22 @@ class PrivatePostgres:
 
     Runs as the ``postgres`` user; ``crash()`` is ``pg_ctl stop -m immediate`` (no
     checkpoint: recovery replays the WAL at the next start), the closest thing to a
-    power cut that leaves the machine's own cluster alone.
+    power cut that leaves the machine's own cluster alone. With *tls* (certificate and key
+    files) it runs ``ssl=on`` and accepts TCP clients over TLS only (``hostssl``), and
+    with *password* they must log in with it (SCRAM); the Unix socket stays ``trust``.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, tls: tuple[Path, Path] | None = None, password: str | None = None
+    ) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="postroom-pg-"))
         shutil.chown(self.dir, "postgres")
         self.data = self.dir / "data"
         self.running = False
+        self.tls = tls
+        self.password = password
+        self.socket_dir = "/tmp"
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -254,10 +324,29 @@ class PrivatePostgres:
             "-E",
             "UTF8",
         )
+        if self.tls is not None:
+            method = "scram-sha-256" if self.password else "trust"
+            hba = self.data / "pg_hba.conf"
+            hba.write_text(f"local all all trust\nhostssl all all 127.0.0.1/32 {method}\n")
+            for source, name in zip(self.tls, ("server.crt", "server.key"), strict=True):
+                target = self.data / name
+                shutil.copyfile(source, target)
+                shutil.chown(target, "postgres")
+                target.chmod(0o600)
         await self.start()
+        if self.password is not None:
+            conn = await asyncpg.connect(
+                host=self.socket_dir, port=self.port, user="postgres", timeout=10
+            )
+            try:
+                await conn.execute(f"ALTER USER postgres PASSWORD '{self.password}'")
+            finally:
+                await conn.close()
 
     async def start(self) -> None:
         options = f"-p {self.port} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        if self.tls is not None:
+            options += " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
         await self._pg(
             "pg_ctl",
             "-D",
