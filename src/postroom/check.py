@@ -15,6 +15,7 @@ from typing import Any
 from alembic.script import ScriptDirectory
 
 from postroom import migrate, rabbit
+from postroom.diagnosis import broker_error, database_error
 from postroom.errors import ConfigError
 from postroom.settings import Settings
 from postroom.tls import Verify
@@ -76,8 +77,9 @@ async def _bounded(
     except TimeoutError:
         return CheckResult(name, False, f"{target}: no answer within {timeout:g}s")
     except Exception as exc:  # every failure is the check's answer, reported with its reason
-        reason = _mask(f"{type(exc).__name__}: {exc}{_hint(exc)}", settings)
-        return CheckResult(name, False, f"{target}: {reason}")
+        explain = broker_error if name == "broker" else database_error
+        reason = str(explain(exc, settings)).removeprefix("database ").removeprefix("broker ")
+        return CheckResult(name, False, _mask(reason, settings))
     return CheckResult(name, ok, detail)
 
 
@@ -159,14 +161,6 @@ async def _broker(settings: Settings) -> tuple[bool, str]:
             "put it in POSTROOM_AMQP_URL"
         )
     return True, detail
-
-
-def _hint(exc: Exception) -> str:
-    # RabbitMQ answers a missing or forbidden vhost with Connection.Close during the
-    # handshake, and the client reports only the unexpected frame.
-    if "Connection.Close" in str(exc):
-        return " (the broker closed the handshake: does the vhost exist, may this user use it?)"
-    return ""
 
 
 def _mask(text: str, settings: Settings) -> str:

@@ -126,8 +126,8 @@ def broker_error(exc: BaseException, settings: Settings) -> PostroomError:
         )
     if "Connection.Close" in text or "NOT_ALLOWED" in text or "ACCESS_REFUSED" in text:
         return ConfigError(
-            f"{where}: the broker closed the handshake ({text}); does the vhost exist and "
-            f"may this user use it? fix {BROKER_SETTING}"
+            f"{where}: the broker closed the handshake; does the vhost exist, and may user "
+            f"{broker.user!r} use it? fix {BROKER_SETTING}"
         )
     if isinstance(cause, OSError | TimeoutError | ConnectionError) or names & {
         "AMQPConnectionError"
