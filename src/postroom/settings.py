@@ -12,6 +12,7 @@ import functools
 import os
 import re
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -369,13 +370,17 @@ an error (exit code 2), so a misspelt name stops the process instead of being ig
 Every variable can instead name a file that holds its value, with the suffix `_FILE`, e.g.
 `POSTROOM_DATABASE_URL_FILE=/run/secrets/postroom/database-url` (surrounding whitespace is
 stripped). Use this for secrets; setting both `X` and `X_FILE` is an error. Durations are in
-seconds; booleans accept `true`/`false`/`1`/`0`. URLs are shown with their password redacted
-in logs and in `postroom check`.
+seconds; booleans accept `true`/`false`/`1`/`0`. No secret is ever printed: URLs appear with
+their userinfo password and `password=`/`sslpassword=` values as `***`, and every secret
+value (passwords, `*_FILE` contents of secret settings) is masked in logs at every level,
+errors, tracebacks (`--debug`), `postroom check`, `--help` and this reference.
 
 """
 
 _REFERENCE_OUTRO = """
-Kubernetes service links: a Service named `postroom` or `postroom-*` in the namespace makes
+## Kubernetes service links
+
+A Service named `postroom` or `postroom-*` in the namespace makes
 the kubelet inject `POSTROOM_*_SERVICE_HOST`, `POSTROOM_*_SERVICE_PORT[_<name>]`,
 `POSTROOM_*_PORT` and `POSTROOM_*_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]` variables. postroom
 ignores exactly those shapes (name *and* value: an IP address, a port number, a
@@ -394,7 +399,10 @@ def reference() -> str:
         variable = PREFIX + (field.alias or name).upper()
         description = (field.description or "").replace("|", "\\|")
         rows.append(f"| `{variable}` | {_type_of(field)} | {_default_of(field)} | {description} |")
-    return _REFERENCE_INTRO + "\n".join(rows) + "\n" + _REFERENCE_OUTRO
+    # The prose between the table and the outro (URLs, TLS, ports, exit codes) ships as a
+    # Markdown file in the package, so it stays readable and out of this module.
+    guide = resources.files("postroom").joinpath("configuration.md").read_text()
+    return _REFERENCE_INTRO + "\n".join(rows) + "\n\n" + guide + _REFERENCE_OUTRO.lstrip("\n")
 
 
 def _type_of(field: FieldInfo) -> str:
