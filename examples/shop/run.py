@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import delete, or_, text
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from examples.shop import preflight, report
 from examples.shop.consumers import PAYMENTS, router
@@ -190,9 +190,7 @@ class Demo:
         self._step(f"PostgreSQL at {escape(self._database)}, RabbitMQ at {escape(self._broker)}")
         await asyncio.to_thread(upgrade, self.settings)
         self._step(f"postroom's tables migrated in schema {self.settings.schema_name!r}")
-        engine = create_async_engine(
-            self.settings.database_url.get_secret_value(), pool_size=concurrency + 2
-        )
+        engine = self.settings.database.engine(pool_size=concurrency + 2)
         try:
             await self.reset(engine)
             self._step(f"demo state reset (schema {SCHEMA!r}, queues {', '.join(self._names)})")
