@@ -207,3 +207,12 @@ async def test_relay_and_worker_side_by_side_with_default_settings(settings, amq
         await channel.close()
     assert codes == [0, 0], logs_of(relay) + logs_of(worker)
     assert "Traceback" not in logs_of(relay, tail=100_000) + logs_of(worker, tail=100_000)
+
+
+async def test_an_unexpected_error_keeps_its_traceback(settings):
+    done = await asyncio.to_thread(run, settings, "worker", "tests.apps.broken:router")
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr  # a bug, not a misconfiguration
+    assert done.stderr.strip().splitlines()[-1] == (
+        "postroom: unexpected error: RuntimeError: this module fails at import, on purpose"
+    )

@@ -21,7 +21,7 @@ class _Answering(TyperGroup):
     """Run a command; end any failure with one line and its exit code (``explain``).
 
     The traceback is printed too (secrets masked) with ``--debug`` or
-    ``POSTROOM_LOG_LEVEL=DEBUG``; never otherwise.
+    ``POSTROOM_LOG_LEVEL=DEBUG``, and for an unexpected error (a bug, not a misconfiguration).
     """
 
     def invoke(self, ctx: Any) -> Any:  # typer's (vendored) click Context
@@ -36,13 +36,13 @@ class _Answering(TyperGroup):
                 settings: Settings | None = Settings.from_env()
             except ConfigError:
                 settings = None
+            answer = explain(exc, settings)
             debug = bool(ctx.meta.get("postroom.debug")) or (
                 settings is not None and settings.log_level == "DEBUG"
             )
-            if debug:
+            if debug or answer.unexpected:
                 text = "".join(traceback.format_exception(exc))
                 typer.echo(settings.mask(text) if settings else text, err=True, nl=False)
-            answer = explain(exc, settings)
             fail(answer.line, answer.code)
 
 

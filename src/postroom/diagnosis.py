@@ -27,10 +27,15 @@ _BROKER_MODULES = ("aiormq", "aio_pika", "pamqp")
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """One line for stderr (without the ``postroom:`` prefix) and the exit code."""
+    """One line for stderr (without the ``postroom:`` prefix) and the exit code.
+
+    ``unexpected`` marks a failure no mapping knows (a bug, most likely): its traceback is
+    worth printing even without ``--debug``.
+    """
 
     line: str
     code: int
+    unexpected: bool = False
 
 
 def explain(exc: BaseException, settings: Settings | None) -> Answer:
@@ -38,7 +43,7 @@ def explain(exc: BaseException, settings: Settings | None) -> Answer:
 
     A :class:`PostroomError` speaks for itself (its text and ``exit_code``); a database or
     broker failure becomes :func:`database_error` / :func:`broker_error`; anything else is
-    unexpected (exit 1), named with its type, and ``--debug`` shows its traceback.
+    unexpected (exit 1), named with its type; the CLI prints its traceback above the line.
     """
     error: PostroomError
     if isinstance(exc, PostroomError):
@@ -49,9 +54,7 @@ def explain(exc: BaseException, settings: Settings | None) -> Answer:
         error = database_error(exc, settings)
     else:
         text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-        return Answer(
-            _clean(f"unexpected error: {text} (run with --debug for the traceback)", settings), 1
-        )
+        return Answer(_clean(f"unexpected error: {text}", settings), 1, unexpected=True)
     return Answer(_clean(str(error), settings), error.exit_code)
 
 
