@@ -87,7 +87,7 @@ def main(
     except ConfigError as exc:
         errors.print(f"postroom demo: {exc}", style="red", markup=False, soft_wrap=True)
         return 2
-    logs.configure(settings.log_format, "ERROR")
+    logs.configure(settings.log_format, "ERROR", secrets=settings.secrets())
     # aio-pika logs a failed connect at ERROR; the demo explains that failure itself.
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     demo = Demo(settings, child_environ(environ), console=Console(quiet=json_output))
