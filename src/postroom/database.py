@@ -53,6 +53,7 @@ class Database:
     url: str = field(repr=False)
     password: str | None = field(default=None, repr=False)
     connect_timeout: float = 10.0
+    client_certificate: bool = False
 
     @classmethod
     def parse(cls, url: str) -> Database:
@@ -110,6 +111,7 @@ class Database:
             url=url,
             password=password,
             connect_timeout=timeout,
+            client_certificate="sslcert" in query,
         )
 
     @property
@@ -151,6 +153,10 @@ class Database:
             except asyncpg.InvalidAuthorizationSpecificationError:
                 return await self._connect(tls, timeout, settings)
         if self.sslmode == "prefer" and tls is not False:
+            if not self.client_certificate:
+                # asyncpg's own "prefer" (no verification, like ours) falls back to plain
+                # text on the same socket when the server declines TLS: no second connect.
+                return await self._connect("prefer", timeout, settings)
             try:
                 return await self._connect(tls, timeout, settings)
             except ConnectionError as exc:
