@@ -111,3 +111,15 @@ def test_the_broker_verifies_amqps_and_refuses_mixed_tls_settings(tmp_path):
         Broker.parse("amqps://mq/?cafile=/x")
     with pytest.raises(ConfigError, match="POSTROOM_AMQP_TLS_CERT is set without POSTROOM_AMQP_TLS_KEY"):
         Broker.parse("amqps://mq/", cert="/etc/hostname")
+
+
+def test_a_malformed_url_never_quotes_its_password():
+    # An unencoded "/" in the password makes the rest of it parse as the port.
+    for environ in (
+        {"POSTROOM_DATABASE_URL": "postgresql://u:Pa55/word@db/app"},
+        {"POSTROOM_DATABASE_URL": "postgresql://u@db/app", "POSTROOM_AMQP_URL": "amqp://u:Pa55/word@mq/"},
+    ):
+        with pytest.raises(ConfigError) as raised:
+            Settings.from_env(environ)
+        assert "not a valid URL (percent-encode" in str(raised.value)
+        assert "Pa55" not in str(raised.value)

@@ -52,8 +52,11 @@ class Broker:
         try:
             parts = urlsplit(url)
             _ = parts.port
-        except ValueError as exc:
-            raise ConfigError(f"{SETTING}: not a URL ({exc})") from None
+        except ValueError:  # its text may quote part of a password: not shown
+            raise ConfigError(
+                f"{SETTING}: not a valid URL (percent-encode '/', '@', ':' and '#' in the "
+                "user name and password)"
+            ) from None
         if parts.scheme not in ("amqp", "amqps"):
             raise ConfigError(
                 f"{SETTING}: must start with amqp:// or amqps:// (got {parts.scheme or 'none'!r})"

@@ -61,8 +61,11 @@ class Database:
         try:
             parts = urlsplit(url)
             netloc_port = parts.port
-        except ValueError as exc:
-            raise ConfigError(f"{SETTING}: not a URL ({exc})") from None
+        except ValueError:  # its text may quote part of a password: not shown
+            raise ConfigError(
+                f"{SETTING}: not a valid URL (percent-encode '/', '@', ':' and '#' in the "
+                "user name and password)"
+            ) from None
         if parts.scheme not in SCHEMES:
             raise ConfigError(
                 f"{SETTING}: must start with postgresql:// or postgresql+asyncpg:// "
