@@ -1,13 +1,14 @@
 """postroom: reliable event delivery for Python services.
 
-Write events in your own transaction with :func:`publish`; run ``postroom relay`` to
-send them to RabbitMQ; consume them idempotently with a :class:`Router`.
+Configure once at start-up with :func:`configure`; write events in your own transaction
+with :func:`publish`; run ``postroom relay`` to send them to RabbitMQ; consume them
+idempotently with a :class:`Router`.
 """
 
 from postroom.errors import PostroomError, Reject
 from postroom.events import Event
 from postroom.message import Message
-from postroom.outbox import Outbox, publish
+from postroom.outbox import Outbox, configure, publish
 from postroom.router import Context, Router
 from postroom.settings import Settings
 from postroom.tables import metadata
@@ -21,6 +22,7 @@ __all__ = [
     "Reject",
     "Router",
     "Settings",
+    "configure",
     "metadata",
     "publish",
 ]

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import functools
 import weakref
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Interval, bindparam, func, insert, select
+import structlog
+from sqlalchemy import Interval, bindparam, func, insert, select, text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from postroom.errors import (
+    ConfigError,
     InvalidMessageError,
     MessageTooLargeError,
     NotInTransactionError,
@@ -25,7 +28,7 @@ from postroom.errors import (
 )
 from postroom.events import Event, topic_of
 from postroom.message import HeaderValue, Message, uuid7
-from postroom.settings import Settings
+from postroom.settings import Settings, publishing_values
 from postroom.tables import DEFAULT_SCHEMA, outbox, schema_map
 from postroom.tracing import new_traceparent
 
@@ -35,14 +38,33 @@ _NOTIFIED = "postroom.notified_transaction"
 _NOT_MIGRATED = ("42P01", "3F000")  # undefined table, invalid schema name
 
 
+log = structlog.get_logger("postroom.outbox")
+
+RELAY_PRESENCE = 0x506F7374
+"""First key of the shared advisory lock a relay holds while it serves a schema."""
+
+
 def notify_channel(schema: str) -> str:
     """The LISTEN/NOTIFY channel the relay of *schema* wakes on."""
     return f"{schema}.outbox"
 
 
+def relay_presence_key(schema: str) -> int:
+    """Second key of the advisory lock a relay of *schema* holds (shared) while it runs.
+
+    Visible to every session in ``pg_locks``, so a producer and ``postroom check`` can
+    tell which schemas a relay serves without a table of their own.
+    """
+    return zlib.crc32(f"postroom-relay:{schema}".encode()) & 0x7FFFFFFF
+
+
 @dataclass(frozen=True, slots=True)
 class Outbox:
-    """Where and how messages are written; the module-level :func:`publish` uses defaults."""
+    """Where and how messages are written: schema, body limit, NOTIFY.
+
+    :func:`publish` writes through the one :func:`configure` set; build one yourself only
+    to write to a second outbox on purpose.
+    """
 
     schema: str = DEFAULT_SCHEMA
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -209,9 +231,6 @@ def _check_headers(headers: Mapping[str, HeaderValue] | None) -> dict[str, Heade
     return checked
 
 
-_DEFAULT = Outbox()
-
-
 async def publish(
     session: AsyncSession,
     event: Event,
@@ -220,8 +239,97 @@ async def publish(
     delay: timedelta | None = None,
     headers: Mapping[str, HeaderValue] | None = None,
 ) -> Message:
-    """Write *event* to the default outbox (schema ``postroom``) in *session*'s transaction.
+    """Write *event* to the configured outbox in *session*'s transaction.
 
-    See :meth:`Outbox.publish`; build an :class:`Outbox` for another schema or limit.
+    The outbox is the one :func:`configure` set at start-up; without a call, the first
+    publish configures it from ``POSTROOM_SCHEMA``, ``POSTROOM_MAX_BODY_BYTES`` and
+    ``POSTROOM_NOTIFY``, the variables the relay and the worker read. See
+    :meth:`Outbox.publish` for the rest of the contract.
     """
-    return await _DEFAULT.publish(session, event, key=key, delay=delay, headers=headers)
+    outbox = configured()
+    if _state.unchecked:
+        await _check_relays(session, outbox)
+    return await outbox.publish(session, event, key=key, delay=delay, headers=headers)
+
+
+class _State:
+    """The process's configured outbox (see :func:`configure`); one per process."""
+
+    outbox: Outbox | None = None
+    unchecked: bool = True
+
+
+_state = _State()
+
+
+def configure(source: Settings | Outbox | None = None, *, replace: bool = False) -> Outbox:
+    """Set the outbox :func:`publish` and the testing helpers write to; call once at start-up.
+
+    *source* is the process's :class:`Settings` (what ``postroom relay`` and ``postroom
+    worker`` do), an explicit :class:`Outbox`, or None: then ``POSTROOM_SCHEMA``,
+    ``POSTROOM_MAX_BODY_BYTES`` and ``POSTROOM_NOTIFY`` are read from the environment, the
+    same variables the relay and the worker read, and an unknown ``POSTROOM_*`` variable
+    is an error. Configuring again with the same values is a no-op; with other values it
+    raises ConfigError (a process writing to two outboxes by accident is the bug this
+    prevents) unless *replace* is set, for tests and reloads. Returns the outbox in use.
+    """
+    if isinstance(source, Settings):
+        wanted = Outbox.from_settings(source)
+    elif isinstance(source, Outbox):
+        wanted = source
+    else:
+        wanted = Outbox(**publishing_values())
+    current = _state.outbox
+    if current is not None and current != wanted and not replace:
+        raise ConfigError(
+            f"postroom is already configured with {_describe(current)}; configuring it again "
+            f"with {_describe(wanted)} would split its events between two outboxes: call "
+            "postroom.configure() once, at start-up, before the first publish"
+        )
+    if current != wanted:
+        _state.unchecked = True
+    _state.outbox = wanted
+    return wanted
+
+
+def configured() -> Outbox:
+    """Return the outbox :func:`configure` set, configuring it from the environment if needed."""
+    return _state.outbox if _state.outbox is not None else configure()
+
+
+def _describe(outbox: Outbox) -> str:
+    return (
+        f"schema {outbox.schema!r}, max_body_bytes {outbox.max_body_bytes}, notify {outbox.notify}"
+    )
+
+
+_PRESENCE_SQL = text(
+    "SELECT coalesce(bool_or(objid::bigint = :key), false) AS ours, "
+    "coalesce(bool_or(objid::bigint <> :key), false) AS others "
+    "FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = :ns AND objsubid = 2"
+)
+
+
+async def _check_relays(session: AsyncSession, outbox: Outbox) -> None:
+    """Warn once if relays run in this database but none serves the schema we publish to.
+
+    That is a producer and its relays configured with different ``POSTROOM_SCHEMA``: the
+    events would wait where no relay reads. No relay at all is normal (not started yet, a
+    test) and stays quiet. Runs once per configuration, in the caller's transaction.
+    """
+    _state.unchecked = False
+    if not session.in_transaction():
+        return  # publish() raises the real error just after
+    params = {"key": relay_presence_key(outbox.schema), "ns": RELAY_PRESENCE}
+    row = (await session.execute(_PRESENCE_SQL, params)).one()
+    if row.others and not row.ours:
+        log.warning(
+            "outbox.no_relay_for_schema",
+            schema=outbox.schema,
+            hint=(
+                f"relays run in this database, but none serves schema {outbox.schema!r}: "
+                "the events published here wait until one does. Give this process and "
+                "the relays the same POSTROOM_SCHEMA (`postroom check` lists the schemas "
+                "with waiting rows and no relay)"
+            ),
+        )
