@@ -31,11 +31,11 @@ async def test_relay_logs_json_lines_with_stable_keys_and_no_password(settings, 
         log_path,
         POSTROOM_DATABASE_URL=database,
         POSTROOM_LOG_FORMAT="json",
-        POSTROOM_LOG_LEVEL="INFO",
+        POSTROOM_LOG_LEVEL="DEBUG",
     ) as relay:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 15
-        while "relay.publish_failed" not in relay.log():
+        while "relay.unroutable" not in relay.log():
             assert loop.time() < deadline, relay.log()
             await asyncio.sleep(0.05)
         relay.process.terminate()
@@ -51,14 +51,16 @@ async def test_relay_logs_json_lines_with_stable_keys_and_no_password(settings, 
 
     starting = by_name["relay.starting"]
     assert (starting["level"], starting["logger"]) == ("info", "postroom.service")
-    assert starting["settings"]["database_url"].startswith("postgresql+asyncpg://postgres:***@")
+    assert starting["schema"] == settings.schema_name and "settings" not in starting
+    shown = by_name["relay.settings"]  # every setting, at DEBUG only, redacted
+    assert shown["level"] == "debug"
+    assert shown["settings"]["database_url"].startswith("postgresql+asyncpg://postgres:***@")
     assert by_name["relay.connecting"]["database"].startswith("postgresql://postgres:***@")
 
-    failed = by_name["relay.publish_failed"]
+    failed = by_name["relay.unroutable"]  # one line per topic and interval, not per row
     assert failed["level"] == "warning" and failed["logger"] == "postroom.relay"
-    assert failed["message_id"] == str(message.message_id)
     assert failed["topic"] == "logs.unheard"
-    assert failed["attempt"] == 1
-    assert "body" not in failed
+    assert "no queue is bound" in failed["hint"]
+    assert "body" not in failed and str(message.message_id) not in json.dumps(failed)
     assert by_name["process.stopping"]["signal"] == "SIGTERM"
     assert by_name["relay.stopped"]["failed"] >= 1

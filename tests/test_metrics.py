@@ -48,6 +48,8 @@ EXPECTED_FAMILIES = {
     "postroom_outbox_last_poll_timestamp_seconds": "gauge",
     "postroom_relay_published": "counter",
     "postroom_relay_failed": "counter",
+    "postroom_relay_unroutable": "counter",
+    "postroom_relay_dropped": "counter",
     "postroom_relay_batch_duration_seconds": "histogram",
     "postroom_consumer_messages": "counter",
     "postroom_handler_duration_seconds": "histogram",
@@ -197,6 +199,7 @@ async def test_relay_metrics_move_as_messages_flow(settings, sessions, amqp, nam
                 await box.publish(session, Unheard(n=1))
             text = await until("postroom_outbox_errored_messages", 1)
             assert value(text, "postroom_relay_failed_total", topic="metrics.unheard") >= 1
+            assert value(text, "postroom_relay_unroutable_total", topic="metrics.unheard") >= 1
             assert value(text, "postroom_relay_published_total", topic="metrics.sampled") == 30
             assert value(text, "postroom_relay_published_total", topic="metrics.unheard") is None
 

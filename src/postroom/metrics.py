@@ -65,6 +65,18 @@ class Metrics:
             ["topic"],
             registry=r,
         )
+        self.relay_unroutable = Counter(
+            "postroom_relay_unroutable",
+            "Publishes the broker returned because no queue is bound (events nobody consumes yet).",
+            ["topic"],
+            registry=r,
+        )
+        self.relay_dropped = Counter(
+            "postroom_relay_dropped",
+            "Unroutable events deleted on purpose (topics in POSTROOM_UNROUTABLE_DROP).",
+            ["topic"],
+            registry=r,
+        )
         self.relay_batch_seconds = Histogram(
             "postroom_relay_batch_duration_seconds",
             "Time to claim, publish (with confirms) and settle one relay batch.",
@@ -115,6 +127,14 @@ class Metrics:
             self.relay_published.labels(topic).inc(count)
         for topic, count in failed_by_topic.items():
             self.relay_failed.labels(topic).inc(count)
+
+    def relay_unroutable_count(self, topic: str, count: int) -> None:
+        """Count *count* publishes of *topic* that no queue was bound for."""
+        self.relay_unroutable.labels(topic).inc(count)
+
+    def relay_dropped_count(self, topic: str, count: int) -> None:
+        """Count *count* unroutable events of *topic* dropped by the deployment's policy."""
+        self.relay_dropped.labels(topic).inc(count)
 
     def outbox_state(self, *, pending: int, oldest_age_seconds: float, errored: int) -> None:
         """Set the outbox gauges from one query of the outbox table."""

@@ -28,9 +28,10 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 from postroom import faults, rabbit
 from postroom.metrics import Metrics
 from postroom.outage import is_outage
-from postroom.outbox import notify_channel
+from postroom.outbox import RELAY_PRESENCE, notify_channel, relay_presence_key
 from postroom.settings import Settings, redact_url
 from postroom.tables import qualified
+from postroom.unroutable import UnroutablePolicy, topic_patterns
 
 log = structlog.get_logger("postroom.relay")
 
@@ -72,6 +73,11 @@ class Relay:
         self._publisher: rabbit.ConfirmingPublisher | None = None
         self.stats = RelayStats()
         self._metrics = metrics
+        self._unroutable = UnroutablePolicy(
+            drop=topic_patterns(settings.unroutable_drop),
+            interval=settings.log_interval,
+            counts=metrics,
+        )
         self._peer_state(database=False, broker=False)
         self._claim_sql = _claim_sql(self._outbox)
         self._head_partitions_sql = _head_partitions_sql(self._outbox)
@@ -140,6 +146,12 @@ class Relay:
             "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
         )
         await self._db.add_listener(notify_channel(settings.schema_name), self._on_notify)
+        # Presence: producers and `postroom check` see in pg_locks which schemas relays serve.
+        await self._db.execute(
+            "SELECT pg_advisory_lock_shared($1::int, $2::int)",
+            RELAY_PRESENCE,
+            relay_presence_key(settings.schema_name),
+        )
         self._peer_state(database=True)
         self._amqp = await rabbit.connect(settings.broker, name=self._name)
         await rabbit.declare_exchange(self._amqp, settings.exchange)
@@ -222,11 +234,17 @@ class Relay:
             failed = [
                 (row, error) for row, error in zip(rows, outcomes, strict=True) if error is not None
             ]
+            dropped = self._dropped(failed)
+            if dropped:
+                done += [row["id"] for row, _ in dropped]
+                failed = [item for item in failed if item not in dropped]
             if done:
                 await db.execute(f"DELETE FROM {self._outbox} WHERE id = ANY($1::bigint[])", done)  # noqa: S608
             if failed:
                 await self._reschedule(db, failed)
-        self._account(rows, failed, loop.time() - started)
+        skipped = {row["id"] for row, _ in dropped}
+        kept = [row for row in rows if row["id"] not in skipped]
+        self._account(kept, failed, loop.time() - started)
         return len(done)
 
     async def _lock_partitions(self, db: asyncpg.Connection[Any]) -> list[int]:
@@ -274,13 +292,12 @@ class Relay:
             ids.append(row["id"])
             errors.append(str(error)[:MAX_ERROR_CHARS])
             delays.append(delay)
-            log.warning(
-                "relay.publish_failed",
-                message_id=str(row["message_id"]),
+            self._unroutable.failed(
                 topic=row["topic"],
-                attempt=attempts,
-                error=str(error)[:200],
-                retry_in_seconds=delay.total_seconds(),
+                unroutable=isinstance(error, rabbit.Unroutable),
+                dropped=False,
+                error=str(error),
+                retry_in=delay.total_seconds(),
             )
         await db.execute(
             f"UPDATE {self._outbox} AS o SET attempts = o.attempts + 1, "  # noqa: S608
@@ -291,6 +308,21 @@ class Relay:
             errors,
             delays,
         )
+
+    def _dropped(
+        self, failed: list[tuple[asyncpg.Record, BaseException]]
+    ) -> list[tuple[asyncpg.Record, BaseException]]:
+        """The failed rows the unroutable policy deletes on purpose (counted, logged)."""
+        dropped = []
+        for row, error in failed:
+            unroutable = isinstance(error, rabbit.Unroutable)
+            topic, exchange = row["topic"], row["exchange"]
+            if self._unroutable.drops(topic=topic, exchange=exchange, unroutable=unroutable):
+                self._unroutable.failed(
+                    topic=topic, unroutable=True, dropped=True, error=str(error), retry_in=0.0
+                )
+                dropped.append((row, error))
+        return dropped
 
     def _account(
         self,
