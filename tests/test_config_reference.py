@@ -37,7 +37,7 @@ def test_every_setting_has_one_row_with_type_default_and_description():
     table = {row[0]: row[1:] for row in rows}
     assert table["POSTROOM_DATABASE_URL"][:2] == ("string, secret", "required")
     assert table["POSTROOM_HEALTH_PORT"][:2] == ("integer, >= 0, <= 65535", "unset")
-    assert table["POSTROOM_LOG_FORMAT"][:2] == ("one of `json`, `console`", "`json`")
+    assert table["POSTROOM_LOG_FORMAT"][:2] == ("one of `auto`, `json`, `console`", "`auto`")
     assert table["POSTROOM_NOTIFY"][:2] == ("boolean", "`true`")
     assert table["POSTROOM_CRASH_AT"][1] == "unset"
     assert all(description.strip() for _, _, description in table.values())

@@ -17,14 +17,21 @@ from postroom.redaction import mask
 
 
 def configure(
-    fmt: Literal["json", "console"] = "json", level: str = "INFO", *, secrets: Iterable[str] = ()
+    fmt: Literal["auto", "json", "console"] = "json",
+    level: str = "INFO",
+    *,
+    secrets: Iterable[str] = (),
 ) -> None:
     """Route structlog and stdlib logging to stderr in one format, *secrets* masked.
 
     Every rendered line, at every level, our own and client libraries' (tracebacks
     included), passes through :func:`postroom.redaction.mask` last, so a password a
-    driver echoes in an error never reaches the log.
+    driver echoes in an error never reaches the log. ``auto`` is the console renderer
+    (readable, coloured) when stderr is a terminal and JSON lines otherwise, so a
+    developer's shell and a log collector each get theirs.
     """
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
     hidden = frozenset(secret for secret in secrets if secret)
 
     def masked(_logger: Any, _name: str, line: Any) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from postroom import backlog
+from postroom import backlog, summary
 from postroom.errors import ConfigError
 from postroom.health import HealthServer, ReadyCheck
 from postroom.metrics import Metrics
@@ -155,10 +155,15 @@ async def run_relay(
     def ready() -> str | None:
         return None if relay.ready else "relay is not connected to both the database and broker"
 
-    log.info("relay.starting", settings=settings.describe())
+    log.info("relay.starting", **_identity(settings))
+    log.debug("relay.settings", settings=settings.describe())
     async with (
         serving(settings, ready=ready, metrics=metrics, stop=stop, port=health_port),
         running(backlog.watch(settings, metrics, stop), name="postroom-backlog"),
+        running(
+            summary.watch(metrics, stop, interval=settings.log_interval, relay=True),
+            name="postroom-summary",
+        ),
     ):
         await within_grace(
             relay.run(stop), stop, grace=settings.shutdown_timeout, name="postroom-relay"
@@ -186,9 +191,84 @@ async def run_worker(
     def ready() -> str | None:
         return None if worker.ready else "worker is not consuming"
 
-    log.info("worker.starting", settings=settings.describe(), consumers=[c.name for c in router])
-    async with serving(
-        settings, ready=ready, metrics=metrics, stop=stop, port=health_port, role="worker"
+    names = tuple(c.name for c in router)
+    log.info("worker.starting", consumers=list(names), **_identity(settings))
+    log.debug("worker.settings", settings=settings.describe())
+    async with (
+        serving(
+            settings, ready=ready, metrics=metrics, stop=stop, port=health_port, role="worker"
+        ),
+        running(
+            summary.watch(metrics, stop, interval=settings.log_interval, consumers=names),
+            name="postroom-summary",
+        ),
     ):
         await worker.run(stop)
     log.info("worker.stopped", outcomes=worker.stats.outcomes, requeued=worker.stats.requeued)
+
+
+async def run_dev(
+    settings: Settings,
+    router: Router,
+    stop: asyncio.Event,
+    *,
+    metrics: Metrics | None = None,
+    health_port: int | None = None,
+) -> None:
+    """Be the ``postroom dev`` process: a relay and a worker side by side until *stop*.
+
+    One process, one health server and one summary line for both: what a developer runs
+    beside their code. Each part keeps its own contract (the relay's batch finishes or
+    is abandoned within ``shutdown_timeout``, the worker drains); if one fails, the other
+    is stopped and the failure propagates.
+    """
+    metrics = metrics if metrics is not None else Metrics()
+    relay = Relay(settings, metrics=metrics)
+    worker = Worker(settings, router, metrics=metrics)
+
+    def ready() -> str | None:
+        if not relay.ready:
+            return "relay is not connected to both the database and broker"
+        return None if worker.ready else "worker is not consuming"
+
+    names = tuple(c.name for c in router)
+    log.info("dev.starting", consumers=list(names), **_identity(settings))
+    log.debug("dev.settings", settings=settings.describe())
+    inner = asyncio.Event()
+
+    async def until_stopped() -> None:
+        await stop.wait()
+        inner.set()
+
+    async with (
+        serving(settings, ready=ready, metrics=metrics, stop=stop, port=health_port),
+        running(until_stopped(), name="postroom-dev-stop"),
+        running(backlog.watch(settings, metrics, inner), name="postroom-backlog"),
+        running(
+            summary.watch(
+                metrics, inner, interval=settings.log_interval, consumers=names, relay=True
+            ),
+            name="postroom-summary",
+        ),
+    ):
+        parts = [
+            asyncio.create_task(
+                within_grace(
+                    relay.run(inner), inner, grace=settings.shutdown_timeout, name="relay"
+                )
+            ),
+            asyncio.create_task(worker.run(inner)),
+        ]
+        try:
+            await asyncio.wait(parts, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            inner.set()  # one part failed or both stopped: stop the other
+            await asyncio.wait(parts)
+        for part in parts:
+            part.result()
+    log.info("dev.stopped", published=relay.stats.published, outcomes=worker.stats.outcomes)
+
+
+def _identity(settings: Settings) -> dict[str, str]:
+    """Where a process works, for its first log line; the full settings go to DEBUG."""
+    return {"schema": settings.schema_name, "exchange": settings.exchange}

@@ -214,7 +214,24 @@ class Settings(BaseSettings):
         description="Event loop of the relay and worker processes: auto = uvloop where "
         "installed (a third less worker CPU per message, measured), else asyncio's own.",
     )
-    log_format: Literal["json", "console"] = Field(default="json", description="Log renderer.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="Log renderer: console (readable, coloured) or json lines; auto = "
+        "console when stderr is a terminal, json otherwise.",
+    )
+    log_interval: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds between a worker's or relay's INFO summary line (outcomes per "
+        "consumer, events relayed) and between warnings about one unroutable topic.",
+    )
+    unroutable_drop: str = Field(
+        default="",
+        description="Comma-separated topics (`*` matches any run of characters, e.g. "
+        "`loyalty.*`) whose events the relay may drop when no queue is bound for them, "
+        "counted in postroom_relay_dropped_total; other unroutable events wait in the "
+        "outbox (docs/operations.md).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Minimum log level."
     )
@@ -346,6 +363,30 @@ def _parse_broker(
     url: str, ca: str | None, cert: str | None, key: str | None, key_password: str | None
 ) -> Broker:
     return Broker.parse(url, ca=ca, cert=cert, key=key, key_password=key_password)
+
+
+_NO_DATABASE = "postgresql+asyncpg://unused.invalid/unused"
+
+
+def publishing_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read the settings the write path needs (schema, body limit, NOTIFY) from *environ*.
+
+    For a web process that publishes but runs no relay or worker, so need not set
+    ``POSTROOM_DATABASE_URL``. Validated exactly like :meth:`Settings.from_env` (unknown
+    keys included); returns ``{"schema": ..., "max_body_bytes": ..., "notify": ...}``.
+    """
+    environ = os.environ if environ is None else environ
+    values = _EnvWithFiles(Settings, environ)()
+    values.setdefault("database_url", _NO_DATABASE)  # not used here; validated if given
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    return {
+        "schema": settings.schema_name,
+        "max_body_bytes": settings.max_body_bytes,
+        "notify": settings.notify,
+    }
 
 
 def _describe(exc: ValidationError) -> str:
