@@ -28,6 +28,10 @@ class Action(enum.StrEnum):
     """Dead letters given up on; kept as ``purged`` for the retention period."""
     PRUNE = "prune"
     """Old inbox rows and resolved dead letters deleted (counts in ``details``)."""
+    OUTBOX_RETRY = "outbox.retry"
+    """Outbox rows made due now (``target_ids``: the outbox row ids)."""
+    OUTBOX_DISCARD = "outbox.discard"
+    """Outbox rows deleted on purpose, never sent (``details.rows``: which events)."""
 
 
 @dataclass(frozen=True, slots=True)

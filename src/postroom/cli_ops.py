@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-outbox_app = typer.Typer(no_args_is_help=True, help="Look at the outbox.")
+outbox_app = typer.Typer(
+    no_args_is_help=True, help="Look at the outbox; retry or discard rows that wait."
+)
 
 Since = Annotated[
     str | None, typer.Option(help="Since: ISO time (UTC unless offset) or age: 90m, 2d.")
@@ -262,6 +264,8 @@ def _flat(details: Mapping[str, Any], prefix: str = "") -> str:
             parts.append(_flat(value))
         elif key == "run":
             parts.append(f"run={str(value)[:8]}")
+        elif key == "rows" and isinstance(value, list):  # a discard's events: count only
+            parts.append(f"rows={len(value)}")
         elif not key.endswith("_before"):
             parts.append(f"{key}={json.dumps(value) if isinstance(value, list) else value}")
     return " ".join(part for part in parts if part)
