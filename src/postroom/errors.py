@@ -89,6 +89,14 @@ class TopologyMismatchError(PostroomError):
         self.name = name
 
 
+class TopologyRefusedError(PostroomError):
+    """The broker refused to delete a queue that holds messages or an exchange in use."""
+
+    def __init__(self, kind: str, name: str, detail: str) -> None:
+        super().__init__(f"{kind} {name!r} was not deleted: {detail}")
+        self.name = name
+
+
 class Reject(PostroomError):
     """Raise from a handler to dead-letter the message at once, without retries."""
 

@@ -21,7 +21,7 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from postroom.broker import Broker
-from postroom.errors import TopologyMismatchError
+from postroom.errors import TopologyMismatchError, TopologyRefusedError
 
 PERSISTENT = 2
 QUORUM = "quorum"
@@ -344,3 +344,68 @@ def _properties(message: Outgoing) -> Any:
         message_type=message.topic,
         headers=dict(message.headers),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """A queue as the broker reports it to a passive declare."""
+
+    name: str
+    exists: bool
+    messages: int = 0
+    consumers: int = 0
+
+
+async def queue_state(connection: AbstractConnection, name: str) -> QueueState:
+    """Look a queue up without creating it (a passive declare on a channel of its own)."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        ok = await (await channel.get_underlay_channel()).queue_declare(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return QueueState(name, exists=False)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return QueueState(name, True, ok.message_count or 0, ok.consumer_count or 0)
+
+
+async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
+    """Return True if exchange *name* exists (a passive declare; nothing is created)."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await (await channel.get_underlay_channel()).exchange_declare(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return True
+
+
+async def delete_queue(connection: AbstractConnection, name: str, *, if_empty: bool) -> int:
+    """Delete queue *name* (and so its bindings); return the messages deleted with it.
+
+    With *if_empty* the broker refuses a queue holding messages: TopologyRefusedError.
+    """
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        raw = await channel.get_underlay_channel()
+        ok = await raw.queue_delete(name, if_empty=if_empty)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise TopologyRefusedError("queue", name, str(exc)) from None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return int(ok.message_count or 0)
+
+
+async def delete_exchange(connection: AbstractConnection, name: str, *, if_unused: bool) -> None:
+    """Delete exchange *name*; with *if_unused* the broker refuses one a queue is bound to."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await (await channel.get_underlay_channel()).exchange_delete(name, if_unused=if_unused)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise TopologyRefusedError("exchange", name, str(exc)) from None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
