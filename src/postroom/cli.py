@@ -6,13 +6,14 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
 
-from postroom import cli_ops
+from postroom import cli_ops, cli_outbox
 from postroom.cli_dead_letters import dead_letters_app
+from postroom.cli_topology import topology_app
 from postroom.errors import ConfigError, PostroomError
 from postroom.settings import Settings
 
@@ -45,6 +46,9 @@ class _Answering(TyperGroup):
                 typer.echo(settings.mask(text) if settings else text, err=True, nl=False)
             fail(answer.line, answer.code)
 
+
+if TYPE_CHECKING:
+    from postroom.router import Router
 
 app = typer.Typer(
     cls=_Answering,
@@ -100,10 +104,10 @@ def migrate(
     """Create or upgrade postroom's tables in their own schema (idempotent)."""
     settings = load_settings()
     _configure_logs(settings)
-    from postroom.migrate import upgrade
+    from postroom.migrate import upgrade_reporting
 
-    upgrade(settings, revision)
-    typer.echo(f"postroom schema {settings.schema_name!r} is at {revision}")
+    for line in upgrade_reporting(settings, revision).lines():
+        typer.echo(line)
 
 
 @app.command()
@@ -119,23 +123,98 @@ def relay() -> None:
     run_service(lambda stop: run_relay(settings, stop), event_loop=settings.event_loop)
 
 
+RouterArg = Annotated[
+    str, typer.Argument(help="Import path of a Router, e.g. billing.consumers:router.")
+]
+AppDir = Annotated[
+    str | None,
+    typer.Option(
+        "--app-dir", help="Look for ROUTER's module here first (default: the current folder)."
+    ),
+]
+
+
+def configured_router(settings: Settings, router: str, app_dir: str | None) -> Router:
+    """Import ROUTER and configure the process's outbox from *settings*, or exit 2.
+
+    The outbox is configured after the import, so a module that configured postroom
+    differently at import time is a clear error here rather than events split between
+    two schemas.
+    """
+    from postroom.loader import load_router
+    from postroom.outbox import configure
+
+    try:
+        loaded = load_router(router, app_dir=app_dir)
+        configure(settings)
+    except PostroomError as exc:
+        fail(str(exc))
+    return loaded
+
+
 @app.command()
-def worker(
-    router: Annotated[
-        str, typer.Argument(help="Import path of a Router, e.g. billing.consumers:router.")
-    ],
-) -> None:
+def worker(router: RouterArg, app_dir: AppDir = None) -> None:
     """Consume every consumer of ROUTER until SIGTERM, then drain gracefully."""
     settings = load_settings()
     _configure_logs(settings)
-    from postroom.loader import load_router
     from postroom.preflight import preflight
     from postroom.process import run_service
     from postroom.service import run_worker
 
-    loaded = load_router(router)
+    loaded = configured_router(settings, router, app_dir)
     _run(preflight(settings, name="postroom-worker"))
     run_service(lambda stop: run_worker(settings, loaded, stop), event_loop=settings.event_loop)
+
+
+@app.command()
+def dev(
+    router: RouterArg,
+    app_dir: AppDir = None,
+    reload: Annotated[
+        bool,
+        typer.Option(
+            "--reload",
+            help="Restart when a .py file under --app-dir changes (needs postroom[reload]).",
+        ),
+    ] = False,
+) -> None:
+    """Run a relay and ROUTER's worker in one process, for development.
+
+    Logs are readable on a terminal; a summary line per POSTROOM_LOG_INTERVAL says what
+    each consumer did. Stop with Ctrl-C (the worker drains first).
+    """
+    settings = load_settings()
+    if reload:
+        _reload(router, app_dir)
+        return
+    _configure_logs(settings)
+    from postroom.preflight import preflight
+    from postroom.process import run_service
+    from postroom.service import run_dev
+
+    loaded = configured_router(settings, router, app_dir)
+    _run(preflight(settings, name="postroom-dev"))
+    run_service(lambda stop: run_dev(settings, loaded, stop), event_loop=settings.event_loop)
+
+
+def _reload(router: str, app_dir: str | None) -> None:
+    """Run ``postroom dev`` in a child process, restarted when a Python file changes."""
+    import os
+    import shlex
+
+    try:
+        import watchfiles
+    except ImportError:
+        fail("--reload needs watchfiles: pip install 'postroom[reload]'")
+    directory = os.path.abspath(app_dir or os.getcwd())
+    child = [sys.executable, "-m", "postroom", "dev", router, "--app-dir", directory]
+    typer.echo(f"postroom dev: watching {directory} for changes to .py files", err=True)
+    watchfiles.run_process(
+        directory,
+        target=shlex.join(child),
+        target_type="command",
+        watch_filter=watchfiles.PythonFilter(),
+    )
 
 
 @app.command()
@@ -180,6 +259,7 @@ def asyncapi(
     ] = None,
     title: Annotated[str | None, typer.Option(help="Document title (default: ROUTER).")] = None,
     api_version: Annotated[str, typer.Option(help="The document's info.version.")] = "1.0.0",
+    app_dir: AppDir = None,
     exchange: Annotated[
         str | None,
         typer.Option(help="Events exchange (default: POSTROOM_EXCHANGE, else postroom.events)."),
@@ -190,7 +270,7 @@ def asyncapi(
     from postroom.loader import load_router
 
     try:
-        loaded = load_router(router)
+        loaded = load_router(router, app_dir=app_dir)
     except PostroomError as exc:
         fail(str(exc))
     if exchange is None:
@@ -235,6 +315,11 @@ def demo(
 
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(cli_ops.outbox_app, name="outbox")
+cli_ops.outbox_app.command("list")(cli_outbox.list_rows)
+cli_ops.outbox_app.command("show")(cli_outbox.show_row)
+cli_ops.outbox_app.command()(cli_outbox.retry)
+cli_ops.outbox_app.command()(cli_outbox.discard)
+app.add_typer(topology_app, name="topology")
 app.command()(cli_ops.prune)
 app.command()(cli_ops.audit)
 

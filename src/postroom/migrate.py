@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -40,6 +41,59 @@ def alembic_config(settings: Settings) -> Config:
 def upgrade(settings: Settings, revision: str = "head") -> None:
     """Upgrade postroom's schema to *revision*; safe to run again (it is a no-op then)."""
     command.upgrade(alembic_config(settings), revision)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """What ``postroom migrate`` did: the schema it created, the revisions it applied."""
+
+    schema: str
+    created_schema: bool
+    applied: tuple[tuple[str, str], ...]
+    """(revision, its description), oldest first."""
+    at: str | None
+
+    def lines(self) -> list[str]:
+        """The report a person reads: what changed, or that nothing needed to."""
+        if not self.applied and not self.created_schema:
+            return [f"schema {self.schema!r} is already at {self.at}: nothing to do"]
+        lines = [f"created schema {self.schema!r}"] if self.created_schema else []
+        lines += [f"applied {rev}: {doc}" for rev, doc in self.applied]
+        lines.append(f"schema {self.schema!r} is now at {self.at}")
+        return lines
+
+
+def upgrade_reporting(settings: Settings, revision: str = "head") -> Migration:
+    """Upgrade like :func:`upgrade` and return what was done."""
+    existed = asyncio.run(_schema_exists(settings))
+    before = current_revision_sync(settings) if existed else None
+    upgrade(settings, revision)
+    after = current_revision_sync(settings)
+    script = ScriptDirectory(str(migrations_dir()))
+    applied: list[tuple[str, str]] = []
+    if after is not None and after != before:
+        for step in script.iterate_revisions(after, before):
+            applied.append((step.revision, (step.doc or "").strip().splitlines()[0]))
+    return Migration(
+        schema=settings.schema_name,
+        created_schema=not existed,
+        applied=tuple(reversed(applied)),
+        at=after,
+    )
+
+
+async def _schema_exists(settings: Settings) -> bool:
+    engine = create_async_engine(settings.database_url.get_secret_value())
+    try:
+        async with engine.connect() as connection:
+            return bool(
+                await connection.scalar(
+                    text("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :name)"),
+                    {"name": settings.schema_name},
+                )
+            )
+    finally:
+        await engine.dispose()
 
 
 async def upgrade_async(settings: Settings, revision: str = "head") -> None:
