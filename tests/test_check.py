@@ -138,6 +138,7 @@ async def test_cli_exit_codes_and_output(settings):
         ["OK", "config"],
         ["OK", "database"],
         ["OK", "migrations"],
+        ["OK", "relays"],
         ["OK", "broker"],
     ]
 

@@ -17,6 +17,7 @@ from alembic.script import ScriptDirectory
 from postroom import migrate, rabbit
 from postroom.diagnosis import broker_error, database_error
 from postroom.errors import ConfigError
+from postroom.outbox import RELAY_PRESENCE, relay_presence_key
 from postroom.settings import Settings
 from postroom.tls import Verify
 
@@ -59,10 +60,12 @@ async def run_checks(settings: Settings, *, timeout: float = DEFAULT_TIMEOUT) ->
     database = await _bounded("database", db_url, _database(settings), timeout, settings)
     if database.ok:
         schema = await _bounded("migrations", db_url, _migrations(settings), timeout, settings)
+        relays = await _bounded("relays", db_url, _relays(settings), timeout, settings)
     else:
         schema = CheckResult("migrations", False, "not checked: the database is unreachable")
+        relays = CheckResult("relays", False, "not checked: the database is unreachable")
     broker = await _bounded("broker", amqp_url, _broker(settings), timeout, settings)
-    return [database, schema, broker]
+    return [database, schema, relays, broker]
 
 
 async def _bounded(
@@ -140,6 +143,58 @@ async def _migrations(settings: Settings) -> tuple[bool, str]:
             f"(head is {head}); a newer version migrated it"
         )
     return False, f"schema {schema!r} is at {current}, behind head {head}; run `postroom migrate`"
+
+
+STRANDED_AFTER = 60.0
+"""Seconds an outbox row may be due, in a schema no relay serves, before check warns."""
+
+_PRESENCE = (
+    "SELECT objid::bigint AS key, count(*) AS relays FROM pg_locks "
+    "WHERE locktype = 'advisory' AND classid::bigint = $1 AND objsubid = 2 GROUP BY objid"
+)
+_OUTBOXES = (
+    "SELECT n.nspname, quote_ident(n.nspname) AS quoted "
+    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relname = 'outbox' AND c.relkind IN ('r', 'p') AND EXISTS ("
+    "SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'routing_key')"
+)
+
+
+async def _relays(settings: Settings) -> tuple[bool, str]:
+    """Say which relays serve our schema, and warn of waiting rows in schemas none serves.
+
+    Relays hold a shared advisory lock per schema (``outbox.relay_presence_key``). Rows
+    due for over a minute in another schema's outbox that no relay serves are, most
+    likely, a producer configured with another ``POSTROOM_SCHEMA``: never silent, but a
+    warning, not a failure, since this relay's own work is unaffected.
+    """
+    connection = await settings.database.connect(
+        application_name="postroom-check", timeout=DEFAULT_TIMEOUT
+    )
+    try:
+        served = {r["key"]: r["relays"] for r in await connection.fetch(_PRESENCE, RELAY_PRESENCE)}
+        stranded = []
+        for schema, quoted in await connection.fetch(_OUTBOXES):
+            if schema == settings.schema_name or relay_presence_key(schema) in served:
+                continue
+            waiting = await connection.fetchval(
+                f"SELECT count(*) FROM {quoted}.outbox "  # noqa: S608 -- quote_ident
+                "WHERE available_at <= now() - make_interval(secs => $1)",
+                STRANDED_AFTER,
+            )
+            if waiting:
+                stranded.append(f"{schema!r} ({waiting})")
+    finally:
+        await connection.close(timeout=2)
+    count = served.get(relay_presence_key(settings.schema_name), 0)
+    detail = f"{count} relay(s) serve schema {settings.schema_name!r}"
+    if stranded:
+        detail += (
+            f"; warning: outbox rows due for over {STRANDED_AFTER:g}s in schema(s) no relay "
+            f"serves: {', '.join(stranded)}. A producer configured with another "
+            "POSTROOM_SCHEMA? Give producers, relays and workers the same one"
+        )
+    return True, detail
 
 
 async def _broker(settings: Settings) -> tuple[bool, str]:

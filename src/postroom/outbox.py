@@ -280,14 +280,15 @@ def configure(source: Settings | Outbox | None = None, *, replace: bool = False)
     else:
         wanted = Outbox(**publishing_values())
     current = _state.outbox
-    if current is not None and current != wanted and not replace:
+    if current == wanted:
+        return current
+    if current is not None and not replace:
         raise ConfigError(
             f"postroom is already configured with {_describe(current)}; configuring it again "
             f"with {_describe(wanted)} would split its events between two outboxes: call "
             "postroom.configure() once, at start-up, before the first publish"
         )
-    if current != wanted:
-        _state.unchecked = True
+    _state.unchecked = True
     _state.outbox = wanted
     return wanted
 

@@ -5,9 +5,11 @@ your test database, so the inbox, retry rows and dead letters are written for re
 test sees the outcomes production would (acked, duplicate, retry, dead). Import it
 explicitly (``from postroom import testing``); ``import postroom`` never loads it.
 
-Every helper takes ``schema=``, the schema of postroom's tables (``postroom`` unless
-your deployment sets ``POSTROOM_SCHEMA``); a test may :func:`install` a fresh schema of
-its own and pass that name.
+Every helper takes ``schema=``, the schema of postroom's tables. Left out, it is the
+schema the process configured (:func:`postroom.configure`, else ``POSTROOM_SCHEMA``, else
+``postroom``), like the body limit and NOTIFY setting: the tests write where the
+service's own code does. A test may :func:`install` a fresh schema of its own and pass
+that name.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from postroom.dispatch import Pipeline, dispatch
 from postroom.events import Event, topic_of
 from postroom.failures import DEFAULT_EXCHANGE, Outcome, Result
 from postroom.message import Delivery, HeaderValue, Message, uuid7
-from postroom.outbox import DEFAULT_MAX_BODY_BYTES, Outbox
+from postroom.outbox import Outbox, configured
 from postroom.router import Consumer
-from postroom.tables import DEFAULT_SCHEMA, metadata, outbox, schema_map
 from postroom.tables import dead_letters as dead_letters_table
+from postroom.tables import metadata, outbox, schema_map
 from postroom.tracing import new_traceparent
 
 __all__ = [
@@ -56,16 +58,17 @@ Source = AsyncSession | async_sessionmaker[AsyncSession]
 rows are visible) or a session factory (a short session of its own: committed rows)."""
 
 
-async def install(engine: AsyncEngine, schema: str = DEFAULT_SCHEMA) -> None:
+async def install(engine: AsyncEngine, schema: str | None = None) -> None:
     """Create postroom's tables in *schema*, creating the schema too; idempotent.
 
     Builds the tables from :data:`postroom.tables.metadata`, which a test keeps equal to
     what ``postroom migrate`` creates, and is much faster than migrating. Production
     databases are migrated with ``postroom migrate``, never with this.
     """
+    schema = _schema(schema)
     async with engine.begin() as connection:
         await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{_identifier(schema)}"'))
-        translate = schema_map(schema)
+        translate = schema_map(_schema(schema))
         await connection.run_sync(
             lambda sync: metadata.create_all(sync.execution_options(schema_translate_map=translate))
         )
@@ -107,7 +110,7 @@ def message(
 
 
 async def published(
-    source: Source, event_type: type[_E], *, schema: str = DEFAULT_SCHEMA
+    source: Source, event_type: type[_E], *, schema: str | None = None
 ) -> list[_E]:
     """Return the *event_type* events in the outbox, oldest first, decoded.
 
@@ -121,7 +124,7 @@ async def published(
 
 
 async def published_messages(
-    source: Source, topic: str | None = None, *, schema: str = DEFAULT_SCHEMA
+    source: Source, topic: str | None = None, *, schema: str | None = None
 ) -> list[Message]:
     """Return the messages published to the events exchange (of *topic*, if given).
 
@@ -136,7 +139,7 @@ async def published_messages(
 
 
 async def pending_retries(
-    source: Source, consumer: Consumer[Any], *, schema: str = DEFAULT_SCHEMA
+    source: Source, consumer: Consumer[Any], *, schema: str | None = None
 ) -> list[Message]:
     """Return the retries waiting in the outbox for *consumer*, due or not, oldest first.
 
@@ -152,9 +155,9 @@ async def deliver(
     consumer: Consumer[Any],
     sessions: async_sessionmaker[AsyncSession],
     *,
-    schema: str = DEFAULT_SCHEMA,
+    schema: str | None = None,
     attempt: int | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_body_bytes: int | None = None,
 ) -> Result:
     """Hand one message to *consumer* through the real dispatch pipeline; return the outcome.
 
@@ -177,8 +180,8 @@ async def deliver_retries(
     consumer: Consumer[Any],
     sessions: async_sessionmaker[AsyncSession],
     *,
-    schema: str = DEFAULT_SCHEMA,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    schema: str | None = None,
+    max_body_bytes: int | None = None,
 ) -> list[Result]:
     """Take *consumer*'s pending retries from the outbox and deliver them now.
 
@@ -192,7 +195,7 @@ async def deliver_retries(
             delete(outbox)
             .where(_retries_of(consumer))
             .returning(*outbox.c)
-            .execution_options(schema_translate_map=schema_map(schema)),
+            .execution_options(schema_translate_map=schema_map(_schema(schema))),
         )
         rows = sorted(taken.all(), key=lambda row: row.id)
     pipeline = _pipeline(sessions, schema, max_body_bytes)
@@ -203,7 +206,7 @@ async def dead_letters(
     source: Source,
     consumer: Consumer[Any] | None = None,
     *,
-    schema: str = DEFAULT_SCHEMA,
+    schema: str | None = None,
 ) -> list[DeadLetter]:
     """Return the live dead letters (of *consumer*, if given), oldest first."""
     table = dead_letters_table
@@ -213,7 +216,7 @@ async def dead_letters(
     async with _reading(source) as session:
         result = await session.execute(
             statement.order_by(table.c.id),
-            execution_options={"schema_translate_map": schema_map(schema)},
+            execution_options={"schema_translate_map": schema_map(_schema(schema))},
         )
         rows = result.all()
     return [
@@ -238,13 +241,21 @@ async def dead_letters(
 
 
 def _pipeline(
-    sessions: async_sessionmaker[AsyncSession], schema: str, max_body_bytes: int
+    sessions: async_sessionmaker[AsyncSession], schema: str | None, max_body_bytes: int | None
 ) -> Pipeline:
-    return Pipeline(
-        sessions=sessions,
-        outbox=Outbox(schema=schema, max_body_bytes=max_body_bytes),
-        max_body_bytes=max_body_bytes,
+    """Dispatch as the worker would, writing to the configured outbox unless overridden."""
+    base = configured()
+    outbox = Outbox(
+        schema=_schema(schema),
+        max_body_bytes=base.max_body_bytes if max_body_bytes is None else max_body_bytes,
+        notify=base.notify,
     )
+    return Pipeline(sessions=sessions, outbox=outbox, max_body_bytes=outbox.max_body_bytes)
+
+
+def _schema(schema: str | None) -> str:
+    """The schema a helper reads or writes: the one given, else the configured one."""
+    return configured().schema if schema is None else schema
 
 
 def _retries_of(consumer: Consumer[Any]) -> ColumnElement[bool]:
@@ -253,12 +264,12 @@ def _retries_of(consumer: Consumer[Any]) -> ColumnElement[bool]:
 
 
 async def _select_outbox(
-    source: Source, schema: str, *where: ColumnElement[bool]
+    source: Source, schema: str | None, *where: ColumnElement[bool]
 ) -> list[Row[Any]]:
     async with _reading(source) as session:
         result = await session.execute(
             select(outbox).where(*where).order_by(outbox.c.id),
-            execution_options={"schema_translate_map": schema_map(schema)},
+            execution_options={"schema_translate_map": schema_map(_schema(schema))},
         )
         return list(result.all())
 
