@@ -382,17 +382,24 @@ async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
     return True
 
 
-async def delete_queue(connection: AbstractConnection, name: str, *, if_empty: bool) -> int:
+async def delete_queue(connection: AbstractConnection, name: str, *, force: bool) -> int:
     """Delete queue *name* (and so its bindings); return the messages deleted with it.
 
-    With *if_empty* the broker refuses a queue holding messages: TopologyRefusedError.
+    Quorum queues do not support the broker's ``if-empty`` flag (RabbitMQ answers
+    NOT_IMPLEMENTED and closes the connection), so unless *force* is set the queue is
+    looked at just before the delete and one holding messages or consumers raises
+    TopologyRefusedError. A message published in between those two steps is lost with
+    the queue: stop the producers of a queue before deleting it.
     """
+    if not force:
+        state = await queue_state(connection, name)
+        if state.messages or state.consumers:
+            raise TopologyRefusedError(
+                "queue", name, f"{state.messages} messages, {state.consumers} consumers"
+            )
     channel = await connection.channel(publisher_confirms=False)
     try:
-        raw = await channel.get_underlay_channel()
-        ok = await raw.queue_delete(name, if_empty=if_empty)
-    except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        raise TopologyRefusedError("queue", name, str(exc)) from None
+        ok = await (await channel.get_underlay_channel()).queue_delete(name)
     finally:
         if not channel.is_closed:
             await channel.close()

@@ -5,9 +5,9 @@ events exchange and a ``<consumer>.dead`` queue bound to the dead-letter exchang
 two exchanges are shared by every consumer that uses them. :func:`inspect` looks each
 one up with passive declares (nothing is created); :func:`delete` removes the queues
 (their bindings go with them) and, if asked, the exchanges. It never deletes a queue
-that holds messages or has consumers unless forced: it checks first and then deletes
-nothing, and the broker enforces the same (``if-empty``, ``if-unused``) in case a
-message arrives in between.
+that holds messages or has consumers unless forced: it checks them all first and then deletes
+nothing, and looks at each queue again just before deleting it (quorum queues do not
+support the broker's ``if-empty`` flag); exchanges are deleted ``if-unused``.
 """
 
 from __future__ import annotations
@@ -129,5 +129,5 @@ async def _act(
         except TopologyRefusedError:
             return replace(item, action="kept: other queues are bound to it (--force deletes it)")
         return replace(item, action="deleted")
-    await rabbit.delete_queue(connection, item.name, if_empty=not force)
+    await rabbit.delete_queue(connection, item.name, force=force)
     return replace(item, action="deleted")
