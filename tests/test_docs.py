@@ -99,6 +99,8 @@ def test_guide_tests_pass_against_the_database(guide, tmp_path, database_url):
     )
     assert result.returncode == 0, f"the tests of docs/{guide} failed:\n{result.stdout[-4000:]}"
     assert f"{expected} passed" in result.stdout, result.stdout[-2000:]
+    output = result.stdout + result.stderr
+    assert "Warning" not in output, f"docs/{guide}'s tests warn:\n{output[-3000:]}"
 
 
 def test_postroom_commands_in_the_guides_exist_and_asyncapi_runs(tmp_path):
