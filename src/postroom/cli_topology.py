@@ -108,7 +108,7 @@ def _print(items: list[Item], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps({"topology": [item.as_json() for item in items]}, indent=2))
         return
-    rows = [
+    rows: list[tuple[object, ...]] = [
         (
             item.kind,
             item.name,
@@ -120,5 +120,9 @@ def _print(items: list[Item], as_json: bool) -> None:
         )
         for item in items
     ]
-    columns = ("kind", "name", "exists", "messages", "consumers", "detail", "action")
+    columns: tuple[str, ...] = ("kind", "name", "exists", "messages", "consumers", "detail")
+    if any(item.action for item in items):
+        columns += ("action",)
+    else:  # show: nothing was acted on
+        rows = [row[:-1] for row in rows]
     print_table(None, columns, rows, fixed=("kind", "exists", "messages", "consumers"))
