@@ -91,3 +91,42 @@ async def test_a_router_outside_the_current_folder_needs_app_dir(settings, tmp_p
     assert done.returncode == 2
     assert "cannot import 'tests.apps.devapp'" in done.stderr and "--app-dir" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_reload_restarts_dev_when_a_python_file_changes(settings, amqp, tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    source = (ROOT / "tests" / "apps" / "devapp.py").read_text()
+    (app / "reloadapp.py").write_text(source)
+    log_path = tmp_path / "dev.log"
+    env = settings_env(settings, POSTROOM_LOG_FORMAT="json", POSTROOM_HEALTH_PORT="0")
+    process = start_reload(env, app=app, log_path=log_path)
+    try:
+
+        def starts() -> int:
+            return log_path.read_text().count('"event": "dev.starting"')
+
+        await eventually(lambda: "worker.consuming" in log_path.read_text(), timeout=30)
+        assert starts() == 1
+        (app / "reloadapp.py").write_text(source + "\n# changed\n")
+        await eventually(lambda: starts() == 2, timeout=30)
+        await eventually(lambda: log_path.read_text().count("worker.consuming") == 2, timeout=30)
+        assert '"event": "dev.stopped"' in log_path.read_text()  # drained, not killed
+    finally:
+        process.terminate()
+        await wait_exit(process, timeout=30)
+        channel = await amqp.channel()
+        for name in ("devapp.greet", "devapp.greet.dead"):
+            await channel.queue_delete(name)
+        await channel.close()
+
+
+def start_reload(env: dict[str, str], *, app, log_path) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            postroom_cmd("dev", "reloadapp:router", "--app-dir", str(app), "--reload"),
+            cwd=app,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )

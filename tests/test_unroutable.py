@@ -159,3 +159,28 @@ async def test_outbox_list_show_retry_and_discard_with_dry_run_and_audit(
 
     gone = await run("outbox", "list", "--topic", "nobody.listens")
     assert gone.returncode == 1  # nothing matched
+
+
+def test_the_policy_warns_again_after_the_interval_with_the_count_in_between():
+    from structlog.testing import capture_logs
+
+    from postroom.unroutable import UnroutablePolicy, topic_patterns
+
+    now = [0.0]
+    policy = UnroutablePolicy(
+        drop=topic_patterns(" audit.* ,  x.y"), interval=60, clock=lambda: now[0]
+    )
+    with capture_logs() as logs:
+        for second in (0, 1, 2, 59, 61, 62):
+            now[0] = second
+            policy.failed(topic="a.b", unroutable=True, dropped=False, error="NO_ROUTE", retry_in=1)
+    assert [(e["event"], e["failures_since_last_line"]) for e in logs] == [
+        ("relay.unroutable", 0),
+        ("relay.unroutable", 3),  # at 61 s: the three failures since the first line
+    ]
+    assert policy.drops(topic="audit.login", exchange=None, unroutable=True)
+    assert policy.drops(topic="x.y", exchange=None, unroutable=True)
+    assert not policy.drops(topic="x.yz", exchange=None, unroutable=True)
+    assert not policy.drops(topic="audit.login", exchange="", unroutable=True)  # a retry: kept
+    assert not policy.drops(topic="audit.login", exchange=None, unroutable=False)  # refused
+    assert topic_patterns(" , ") is None
