@@ -318,9 +318,9 @@ async def _check_relays(session: AsyncSession, outbox: Outbox) -> None:
     events would wait where no relay reads. No relay at all is normal (not started yet, a
     test) and stays quiet. Runs once per configuration, in the caller's transaction.
     """
-    _state.unchecked = False
     if not session.in_transaction():
-        return  # publish() raises the real error just after
+        return  # publish() raises the real error just after; check at the next one
+    _state.unchecked = False
     params = {"key": relay_presence_key(outbox.schema), "ns": RELAY_PRESENCE}
     row = (await session.execute(_PRESENCE_SQL, params)).one()
     if row.others and not row.ours:
