@@ -143,3 +143,9 @@ def test_links_between_the_docs_resolve():
             if not (page.parent / target).resolve().exists():
                 missing.append(f"{page.name} -> {target}")
     assert not missing, missing
+
+
+def test_the_docs_stay_inside_the_repository():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    outside = [p.name for p in pages if "../shared" in p.read_text(encoding="utf-8")]
+    assert not outside, f"these pages point outside the repository: {outside}"
