@@ -7,7 +7,8 @@ that only publishes to the outbox never loads a broker client.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -356,29 +357,34 @@ class QueueState:
     consumers: int = 0
 
 
-async def queue_state(connection: AbstractConnection, name: str) -> QueueState:
-    """Look a queue up without creating it (a passive declare on a channel of its own)."""
+@contextlib.asynccontextmanager
+async def _raw_channel(connection: AbstractConnection) -> AsyncIterator[Any]:
+    """Yield aiormq's channel under a channel of its own: a failed declare closes it."""
     channel = await connection.channel(publisher_confirms=False)
     try:
-        ok = await (await channel.get_underlay_channel()).queue_declare(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return QueueState(name, exists=False)
+        yield await channel.get_underlay_channel()
     finally:
         if not channel.is_closed:
             await channel.close()
+
+
+async def queue_state(connection: AbstractConnection, name: str) -> QueueState:
+    """Look a queue up without creating it (a passive declare)."""
+    try:
+        async with _raw_channel(connection) as raw:
+            ok = await raw.queue_declare(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return QueueState(name, exists=False)
     return QueueState(name, True, ok.message_count or 0, ok.consumer_count or 0)
 
 
 async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
     """Return True if exchange *name* exists (a passive declare; nothing is created)."""
-    channel = await connection.channel(publisher_confirms=False)
     try:
-        await (await channel.get_underlay_channel()).exchange_declare(name, passive=True)
+        async with _raw_channel(connection) as raw:
+            await raw.exchange_declare(name, passive=True)
     except aiormq.exceptions.ChannelNotFoundEntity:
         return False
-    finally:
-        if not channel.is_closed:
-            await channel.close()
     return True
 
 
@@ -397,22 +403,15 @@ async def delete_queue(connection: AbstractConnection, name: str, *, force: bool
             raise TopologyRefusedError(
                 "queue", name, f"{state.messages} messages, {state.consumers} consumers"
             )
-    channel = await connection.channel(publisher_confirms=False)
-    try:
-        ok = await (await channel.get_underlay_channel()).queue_delete(name)
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+    async with _raw_channel(connection) as raw:
+        ok = await raw.queue_delete(name)
     return int(ok.message_count or 0)
 
 
 async def delete_exchange(connection: AbstractConnection, name: str, *, if_unused: bool) -> None:
     """Delete exchange *name*; with *if_unused* the broker refuses one a queue is bound to."""
-    channel = await connection.channel(publisher_confirms=False)
     try:
-        await (await channel.get_underlay_channel()).exchange_delete(name, if_unused=if_unused)
+        async with _raw_channel(connection) as raw:
+            await raw.exchange_delete(name, if_unused=if_unused)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise TopologyRefusedError("exchange", name, str(exc)) from None
-    finally:
-        if not channel.is_closed:
-            await channel.close()
