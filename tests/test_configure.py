@@ -131,3 +131,16 @@ def test_publishing_values_come_from_the_same_variables_as_the_relays():
     assert publishing_values({}) == {"schema": "postroom", "max_body_bytes": 1_048_576, "notify": True}
     with pytest.raises(ConfigError, match="unknown setting POSTROOM_SCHEME"):
         publishing_values({"POSTROOM_SCHEME": "shop"})
+
+
+async def test_publishing_to_a_schema_without_postroom_tables_says_what_to_run(sessions, names):
+    box = postroom.Outbox(schema=f"nowhere_{names}")
+    with pytest.raises(ConfigError) as raised:
+        async with sessions() as session, session.begin():
+            await box.publish(session, Lonely(n=1))
+    assert f"schema 'nowhere_{names}' has no postroom tables" in str(raised.value)
+    assert "run `postroom migrate`" in str(raised.value)
+
+
+class Lonely(postroom.Event, topic="configure.lonely"):
+    n: int
