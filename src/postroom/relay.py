@@ -298,6 +298,7 @@ class Relay:
                 dropped=False,
                 error=str(error),
                 retry_in=delay.total_seconds(),
+                queue=row["routing_key"] if row["exchange"] is not None else None,
             )
         await db.execute(
             f"UPDATE {self._outbox} AS o SET attempts = o.attempts + 1, "  # noqa: S608

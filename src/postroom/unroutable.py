@@ -72,9 +72,19 @@ class UnroutablePolicy:
         )
 
     def failed(
-        self, *, topic: str, unroutable: bool, dropped: bool, error: str, retry_in: float
+        self,
+        *,
+        topic: str,
+        unroutable: bool,
+        dropped: bool,
+        error: str,
+        retry_in: float,
+        queue: str | None = None,
     ) -> None:
-        """Count one failed publish of *topic*; log a warning if the topic was quiet."""
+        """Count one failed publish of *topic*; log a warning if the topic was quiet.
+
+        *queue* is set for a retry or replay, addressed to that consumer's queue alone.
+        """
         if self.counts is not None:
             if unroutable:
                 self.counts.relay_unroutable_count(topic, 1)
@@ -101,10 +111,19 @@ class UnroutablePolicy:
             error=error[:200],
             retry_in_seconds=retry_in,
             failures_since_last_line=suppressed,
-            hint=(
-                "no queue is bound for this topic yet: the events wait in the outbox "
-                "(`postroom outbox list --topic ...`) until a consumer declares its queue"
-                if unroutable
-                else "the broker refused the message; it is tried again"
-            ),
+            hint=_hint(topic, unroutable=unroutable, queue=queue),
         )
+
+
+def _hint(topic: str, *, unroutable: bool, queue: str | None) -> str:
+    if not unroutable:
+        return "the broker refused the message; it is tried again"
+    if queue is not None:
+        return (
+            f"a retry or replay for consumer {queue!r}, whose queue does not exist: deploy "
+            f"it, or see `postroom outbox list --routing-key {queue}`"
+        )
+    return (
+        "no queue is bound for this topic yet: the events wait in the outbox "
+        f"(`postroom outbox list --topic {topic}`) until a consumer declares its queue"
+    )
