@@ -147,6 +147,7 @@ def status(
                 failures,
                 fixed=("id", "attempts", "next try"),
             )
+            typer.echo("all of them: postroom outbox list --errored")
     if max_lag is not None and state.oldest_due_seconds > max_lag:
         raise typer.Exit(1)
 

@@ -416,6 +416,12 @@ their userinfo password and `password=`/`sslpassword=` values as `***`, and ever
 value (passwords, `*_FILE` contents of secret settings) is masked in logs at every level,
 errors, tracebacks (`--debug`), `postroom check`, `--help` and this reference.
 
+A web process that only publishes reads three of them, `POSTROOM_SCHEMA`,
+`POSTROOM_MAX_BODY_BYTES` and `POSTROOM_NOTIFY`, when it calls `postroom.configure()` at
+start-up (or at its first `postroom.publish`), and needs no database or broker URL here:
+give it the same values as the service's relay and worker, so its events land where the
+relay reads. `postroom check` warns of outbox rows waiting in a schema no relay serves.
+
 """
 
 _REFERENCE_OUTRO = """
