@@ -130,3 +130,39 @@ def start_reload(env: dict[str, str], *, app, log_path) -> subprocess.Popen[byte
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+async def test_a_worker_logs_the_same_summary_line(settings, sessions, amqp):
+    from structlog.testing import capture_logs
+
+    from postroom.service import run_worker
+    from tests.helpers import running_relay
+
+    quick = settings.model_copy(update={"log_interval": 0.3})
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        worker = asyncio.create_task(run_worker(quick, router, stop))
+        try:
+            await eventually(lambda: any(e["event"] == "worker.consuming" for e in logs))
+            async with running_relay(settings):
+                async with sessions() as session, session.begin():
+                    await Outbox.from_settings(settings).publish(session, Hello(name="cy"))
+
+                def handled() -> int:
+                    return sum(
+                        e["counts"]["devapp.greet"]["handled"]
+                        for e in logs
+                        if e["event"] == "postroom.summary"
+                    )
+
+                assert await eventually(handled, timeout=30) == 1
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, timeout=30)
+            channel = await amqp.channel()
+            for name in ("devapp.greet", "devapp.greet.dead"):
+                await channel.queue_delete(name)
+            await channel.close()
+    summary = next(e for e in logs if e["event"] == "postroom.summary" and "devapp.greet" in e["counts"])
+    assert summary["log_level"] == "info" and "relay" not in summary["counts"]
+    assert summary["summary"].startswith("devapp.greet: ")
