@@ -40,7 +40,6 @@ def _run(
 ) -> T:
     from postroom.loader import load_router
     from postroom.rabbit import BrokerError
-    from postroom.settings import redact_url
 
     try:
         settings = Settings.from_env()
@@ -54,7 +53,7 @@ def _run(
     except PostroomError as exc:
         fail(str(exc))
     except (OSError, BrokerError) as exc:
-        url = redact_url(settings.amqp_url.get_secret_value())
+        url = settings.broker.redacted
         fail(f"cannot reach the broker at {url}: {type(exc).__name__}: {exc}", 3)
 
 

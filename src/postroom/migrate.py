@@ -83,7 +83,7 @@ def upgrade_reporting(settings: Settings, revision: str = "head") -> Migration:
 
 
 async def _schema_exists(settings: Settings) -> bool:
-    engine = create_async_engine(settings.database_url.get_secret_value())
+    engine = settings.database.engine(application_name="postroom-migrate")
     try:
         async with engine.connect() as connection:
             return bool(

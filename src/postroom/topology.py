@@ -49,7 +49,7 @@ class Item:
 
 async def inspect(settings: Settings, router: Router) -> list[Item]:
     """Return the router's queues, bindings and exchanges as the broker has them now."""
-    connection = await rabbit.connect(settings.amqp_url.get_secret_value(), name="postroom-ops")
+    connection = await rabbit.connect(settings.broker, name="postroom-ops")
     try:
         return await _inspect(connection, settings, router)
     finally:
@@ -88,7 +88,7 @@ async def delete(
     consumers and *force* is not set. An exchange other queues are still bound to is
     kept (reported ``kept``) unless *force*. *dry_run* reports and changes nothing.
     """
-    connection = await rabbit.connect(settings.amqp_url.get_secret_value(), name="postroom-ops")
+    connection = await rabbit.connect(settings.broker, name="postroom-ops")
     try:
         items = await _inspect(connection, settings, router)
         busy = [i for i in items if i.kind.endswith("queue") and (i.messages or i.consumers)]
