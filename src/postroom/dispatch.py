@@ -6,8 +6,10 @@ A failure either schedules a retry (an outbox row for this consumer's queue only
 after a backoff) or records a dead letter, in a transaction of its own. The worker maps
 the outcome to an AMQP ack; the testing helpers call this very function.
 
-Anything raised out of :func:`dispatch` means the pipeline could not record an outcome
-(typically the database is away): the caller must requeue the message, never drop it.
+Anything raised out of :func:`dispatch` means the pipeline could not record an outcome:
+the database is away, postroom's schema is missing, or a bug (the caller tells which with
+:mod:`postroom.outage`); the caller must requeue the message, never drop it. A handler's
+own exception is never raised: it is the handler's, and becomes a retry or a dead letter.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from postroom import faults, inbox
@@ -37,6 +37,7 @@ from postroom.failures import (
     write,
 )
 from postroom.message import Delivery, Message
+from postroom.outage import is_outage
 from postroom.outbox import Outbox
 from postroom.router import Consumer, Context
 
@@ -73,16 +74,19 @@ async def dispatch(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeli
     if isinstance(decoded, Failure):
         return await _settle_alone(decoded, consumer, pipeline)
     message = decoded.message
+    claimed = False
     try:
         async with pipeline.sessions() as session, session.begin():
             if not await _claim(session, message, consumer, pipeline):
                 return result_of(Outcome.DUPLICATE, message)
+            claimed = True
             await _run_handler(session, decoded, consumer, pipeline)
     except Exception as exc:
-        if _database_lost(exc):
-            # Not the handler failing: our transaction lost its connection, so nothing is
-            # known (even COMMIT may have happened). Raise, so the worker requeues; a retry
-            # here would burn an attempt and step out of key order for a database blip.
+        if not claimed or is_outage(exc):
+            # Not the handler failing: postroom's own inbox step failed, or our transaction
+            # lost its connection, so nothing is known (even COMMIT may have happened).
+            # Raise, so the worker requeues; a retry here would burn an attempt and step
+            # out of key order for a database blip.
             raise
         return await _settle_alone(judge(message, consumer, exc), consumer, pipeline)
     return result_of(Outcome.ACKED, message)
@@ -123,34 +127,55 @@ async def _run_batch(
 ) -> list[Result]:
     results: list[Result] = []
     failures: list[Failure] = []
-    async with pipeline.sessions() as session, session.begin():
-        fresh = await inbox.claim_many(
-            session,
-            schema=pipeline.schema,
-            consumer=consumer.name,
-            message_ids=[i.message.message_id for i in items if isinstance(i, _Decoded)],
-        )
-        for item in items:
-            if isinstance(item, _Decoded):
-                message = item.message
-                if message.message_id not in fresh:  # processed before, or twice in the batch
-                    results.append(result_of(Outcome.DUPLICATE, message))
-                    continue
-                fresh.discard(message.message_id)
-                try:
-                    await _run_handler(session, item, consumer, pipeline)
-                except Exception as exc:
-                    if _database_lost(exc):
-                        raise
-                    raise _HandlerFailed from exc
-                results.append(result_of(Outcome.ACKED, message))
-                continue
-            await write(session, item, consumer, pipeline.outbox)
-            failures.append(item)
-            results.append(item.result)
+    claimed = False
+    try:
+        async with pipeline.sessions() as session, session.begin():
+            fresh = await inbox.claim_many(
+                session,
+                schema=pipeline.schema,
+                consumer=consumer.name,
+                message_ids=[i.message.message_id for i in items if isinstance(i, _Decoded)],
+            )
+            claimed = True
+            await _run_items(session, items, fresh, consumer, pipeline, results, failures)
+    except _HandlerFailed:
+        raise
+    except Exception as exc:
+        if not claimed or is_outage(exc):
+            raise
+        raise _HandlerFailed from exc  # COMMIT refused the handlers' writes
     for failure in failures:
         log_failure(failure, consumer)
     return results
+
+
+async def _run_items(
+    session: AsyncSession,
+    items: list[_Decoded | Failure],
+    fresh: set[Any],
+    consumer: Consumer[Any],
+    pipeline: Pipeline,
+    results: list[Result],
+    failures: list[Failure],
+) -> None:
+    for item in items:
+        if isinstance(item, _Decoded):
+            message = item.message
+            if message.message_id not in fresh:  # processed before, or twice in the batch
+                results.append(result_of(Outcome.DUPLICATE, message))
+                continue
+            fresh.discard(message.message_id)
+            try:
+                await _run_handler(session, item, consumer, pipeline)
+            except Exception as exc:
+                if is_outage(exc):
+                    raise
+                raise _HandlerFailed from exc
+            results.append(result_of(Outcome.ACKED, message))
+            continue
+        await write(session, item, consumer, pipeline.outbox)
+        failures.append(item)
+        results.append(item.result)
 
 
 def _decode(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeline) -> _Decoded | Failure:
@@ -252,34 +277,6 @@ def _delivery_count(headers: Any) -> int | None:
         if isinstance(count, int):
             return count
     return None
-
-
-_DATABASE_LOST: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.InternalClientError,
-)
-
-
-def _database_lost(exc: BaseException) -> bool:
-    """Return True if *exc*, or an exception it chains, is a lost database connection.
-
-    Narrower than ``outage.is_outage`` on purpose: a handler's own ``TimeoutError`` or
-    ``OSError`` (a payment provider timing out) is a failed attempt to retry, while a
-    transaction whose connection died (backend killed, server restarting, network cut)
-    has no known outcome and must not count as one.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, DBAPIError) and current.connection_invalidated:
-            return True
-        if isinstance(current, _DATABASE_LOST):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 def _summary(exc: ValidationError) -> str:

@@ -165,6 +165,10 @@ class Outgoing:
     headers: Mapping[str, Any]
 
 
+class ConfirmsOverdue(aiormq.exceptions.AMQPError):
+    """The broker took a batch but did not confirm it in time; an outage like a lost link."""
+
+
 class Unroutable(Exception):
     """The broker returned a mandatory message: no queue is bound for its routing key."""
 
@@ -220,19 +224,26 @@ class ConfirmingPublisher:
         """
         if not messages:
             return []
-        if self._batched:
-            results = await self._publish_batch(messages, timeout)
-        else:
-            results = await asyncio.gather(
-                *(self._publish_one(message, timeout) for message in messages),
-                return_exceptions=True,
-            )
+        try:
+            if self._batched:
+                results = await self._publish_batch(messages, timeout)
+            else:
+                results = await asyncio.gather(
+                    *(self._publish_one(message, timeout) for message in messages),
+                    return_exceptions=True,
+                )
+        except TimeoutError:
+            raise ConfirmsOverdue(
+                f"no confirms for {len(messages)} messages in {timeout}s"
+            ) from None
         outcomes: list[BaseException | None] = []
         for result in results:
             if isinstance(result, aiormq.exceptions.PublishError):
                 outcomes.append(Unroutable(f"unroutable (no queue bound): {result}"))
             elif isinstance(result, aiormq.exceptions.DeliveryError):
                 outcomes.append(Refused(f"nacked by the broker: {result!r}"))
+            elif isinstance(result, TimeoutError):
+                raise ConfirmsOverdue(f"no confirm within {timeout}s") from result
             elif isinstance(result, BaseException):
                 # Channel or connection trouble: nothing in this batch is known published.
                 raise result

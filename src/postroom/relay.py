@@ -23,12 +23,10 @@ from typing import Any
 
 import asyncpg
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
-from postroom import faults, rabbit
+from postroom import faults, outage, rabbit
 from postroom.metrics import Metrics
-from postroom.outage import is_outage
-from postroom.outbox import RELAY_PRESENCE, notify_channel, relay_presence_key
+from postroom.outbox import notify_channel
 from postroom.settings import Settings, redact_url
 from postroom.tables import qualified
 from postroom.unroutable import UnroutablePolicy, topic_patterns
@@ -80,6 +78,10 @@ class Relay:
         )
         self._peer_state(database=False, broker=False)
         self._claim_sql = _claim_sql(self._outbox)
+        self._urls = {
+            outage.DATABASE: redact_url(settings.database_url.get_secret_value()),
+            outage.BROKER: redact_url(settings.amqp_url.get_secret_value()),
+        }
         self._head_partitions_sql = _head_partitions_sql(self._outbox)
 
     @property
@@ -95,53 +97,50 @@ class Relay:
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until *stop* is set; finish the batch in hand, then close.
 
-        Broker or database outages are retried forever with capped, jittered backoff
-        (reset after each successful connection); every row not confirmed stays in the
-        outbox for the next claim. Other errors (no such table, bad credentials) raise.
+        Broker or database outages are waited out (one supervisor, capped jittered
+        backoff, each wait logged with the dependency, its redacted URL and the error);
+        every row not confirmed stays in the outbox for the next claim. A missing or
+        outdated postroom schema raises :class:`~postroom.errors.ConfigError`. Any other
+        error is a bug: logged at ERROR with its traceback, the batch rolled back (its
+        rows stay), and the relay tries again after a backoff without reconnecting.
         """
-        while not stop.is_set():
-            try:
-                await self._connect_with_backoff(stop)
-                if stop.is_set():
-                    return
-                await self._loop(stop)
-            except BaseException as exc:
-                if not is_outage(exc):
-                    raise
-                self.stats.reconnects += 1
-                log.warning("relay.outage", error=_short(exc))
-            finally:
-                await self._disconnect()
+        await self._supervise(stop, idle=None)
 
-    async def _connect_with_backoff(self, stop: asyncio.Event) -> None:
-        async def sleep(seconds: float) -> None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), seconds)
+    async def run_until_idle(self, *, timeout: float | None = None) -> None:
+        """Relay until no due row remains in the outbox, then close and return.
 
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda exc: is_outage(exc) and not stop.is_set()),
-            wait=wait_random_exponential(multiplier=0.2, max=5.0),
-            sleep=sleep,
-            reraise=True,
-            before_sleep=lambda state: log.warning(
-                "relay.connect_failed",
-                attempt=state.attempt_number,
-                error=_short(state.outcome.exception()) if state.outcome else None,  # type: ignore[arg-type]
-            ),
+        For tests and one-shot jobs that wait for a state: rows the broker refused are
+        rescheduled for later and so do not count as due. Outages are waited out as in
+        :meth:`run` (bounded by *timeout*, which raises ``TimeoutError``).
+        """
+        stop = asyncio.Event()
+        async with asyncio.timeout(timeout):
+            await self._supervise(stop, idle=stop)
+
+    async def _supervise(self, stop: asyncio.Event, *, idle: asyncio.Event | None) -> None:
+        settings = self._settings
+        supervisor = outage.Supervisor(
+            "relay", on_outage=self._count_outage, urls=self._urls, stop=stop
         )
-        async for attempt in retrying:
-            with attempt:
-                await self._disconnect()
-                await self._connect()
+        try:
+            await supervisor.run(
+                connect=self._connect,
+                work=lambda: self._loop(stop, idle=idle),
+                close=self._disconnect,
+            )
+        except Exception as exc:
+            wrong = outage.config_error(exc, schema=settings.schema_name)
+            if wrong is not None:
+                raise wrong from exc
+            raise
 
     async def _connect(self) -> None:
-        settings = self._settings
-        log.info(
-            "relay.connecting",
-            database=redact_url(settings.asyncpg_dsn),
-            amqp=redact_url(settings.amqp_url.get_secret_value()),
-        )
-        self._db = await settings.database.connect(application_name=self._name, timeout=10)
+        settings, urls = self._settings, self._urls
+        log.info("relay.connecting", database=urls[outage.DATABASE], amqp=urls[outage.BROKER])
+        async with outage.reaching(outage.DATABASE, urls[outage.DATABASE]):
+            self._db = await asyncpg.connect(
+                settings.asyncpg_dsn, timeout=10, server_settings={"application_name": self._name}
+            )
         await self._db.set_type_codec(
             "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
         )
@@ -153,7 +152,8 @@ class Relay:
             relay_presence_key(settings.schema_name),
         )
         self._peer_state(database=True)
-        self._amqp = await rabbit.connect(settings.broker, name=self._name)
+        async with outage.reaching(outage.BROKER, urls[outage.BROKER]):
+            self._amqp = await rabbit.connect(settings.amqp_url.get_secret_value(), name=self._name)
         await rabbit.declare_exchange(self._amqp, settings.exchange)
         self._publisher = await rabbit.ConfirmingPublisher.open(self._amqp)
         self._peer_state(broker=True)
@@ -176,6 +176,9 @@ class Relay:
             except Exception as exc:  # closing a broken connection may fail; it is gone anyway
                 log.debug("relay.close_failed", error=_short(exc))
 
+    def _count_outage(self) -> None:
+        self.stats.reconnects += 1
+
     def _peer_state(self, *, database: bool | None = None, broker: bool | None = None) -> None:
         if self._metrics is None:
             return
@@ -186,16 +189,44 @@ class Relay:
     def _on_notify(self, *_: object) -> None:
         self._wake.set()
 
-    async def _loop(self, stop: asyncio.Event) -> None:
+    async def _loop(self, stop: asyncio.Event, *, idle: asyncio.Event | None = None) -> None:
         batch_size = self._settings.relay_batch_size
+        bugs = 0
         while not stop.is_set():
             if not self.ready:  # noticed between batches, so /readyz and reconnects are prompt
-                raise ConnectionError("the database or broker connection was closed")
+                peer = outage.BROKER if self._db and not self._db.is_closed() else outage.DATABASE
+                raise outage.Unreachable(
+                    peer, self._urls[peer], ConnectionError("the connection was closed")
+                )
             self._wake.clear()
-            published = await self.cycle()
+            try:
+                published = await self.cycle()
+            except Exception as exc:
+                if outage.is_outage(exc) or outage.config_error(
+                    exc, schema=self._settings.schema_name
+                ):
+                    raise
+                bugs += 1
+                pause = min(5.0, 0.1 * 2 ** min(bugs, 6))
+                log.error("relay.bug", retry_in_seconds=pause, exc_info=exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), pause)
+                continue
+            bugs = 0
             if published >= batch_size:
                 continue  # more is probably waiting
+            if idle is not None and not await self._due():
+                log.info("relay.idle")
+                idle.set()
+                return
             await self._sleep(stop)
+
+    async def _due(self) -> bool:
+        assert self._db is not None
+        due: bool = await self._db.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM {self._outbox} WHERE available_at <= now())"  # noqa: S608
+        )
+        return due
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         assert self._db is not None

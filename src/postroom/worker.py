@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
-from postroom import faults, rabbit
+from postroom import faults, outage, rabbit
 from postroom.dispatch import (
     Pipeline,
     dispatch,
@@ -30,7 +29,6 @@ from postroom.dispatch import (
 )
 from postroom.failures import Outcome, Result
 from postroom.message import Delivery
-from postroom.outage import is_outage
 from postroom.outbox import Outbox
 from postroom.router import Consumer, Router
 from postroom.settings import Settings, redact_url
@@ -51,10 +49,6 @@ class Metrics(Protocol):
     def connected(self, *, component: str, peer: str, up: bool) -> None: ...
 
 
-class _Outage(Exception):
-    """A handler could not record an outcome: pause, reconnect, resume."""
-
-
 @dataclass
 class WorkerStats:
     """Counters for tests and health checks; never reset while running."""
@@ -62,9 +56,35 @@ class WorkerStats:
     outcomes: dict[str, int] = field(default_factory=dict)
     requeued: int = 0
     reconnects: int = 0
+    bugs: int = 0
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+class KeyLocks:
+    """One lock per (consumer, ordering key), dropped when nobody holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, consumer: str, key: str) -> Any:
+        name = (consumer, key)
+        lock, users = self._locks.get(name) or (asyncio.Lock(), 0)
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 class Worker:
@@ -86,14 +106,21 @@ class Worker:
         self._name = name
         self._semaphore = asyncio.Semaphore(settings.worker_concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
-        self._key_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._key_locks = KeyLocks()
         self._broken = asyncio.Event()
+        self._broken_by: BaseException | None = None
         self._stopping = False
         self._consuming = False
         self._connection: Any = None
         self._queues: list[tuple[Any, str]] = []
         self._batches: dict[str, list[AbstractIncomingMessage]] = {}
         self._takers: set[str] = set()
+        self._unsettled = 0
+        self._bug_streak = 0
+        self._urls = {
+            outage.DATABASE: redact_url(settings.database_url.get_secret_value()),
+            outage.BROKER: redact_url(settings.amqp_url.get_secret_value()),
+        }
         self.stats = WorkerStats()
 
     @property
@@ -101,8 +128,17 @@ class Worker:
         """True while consuming with both the database and the broker reachable."""
         return self._consuming and not self._broken.is_set() and not self._stopping
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Consume until *stop* is set, then drain within ``shutdown_timeout`` and return."""
+    async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
+        """Consume until *stop* is set, then drain within ``shutdown_timeout`` and return.
+
+        Outages (database or broker away) are waited out: in-flight messages go back to
+        the broker and the worker reconnects with backoff, explaining each wait in the
+        log. Raises :class:`~postroom.errors.ConfigError` when postroom's schema is
+        missing or behind head (nothing is consumed further, nothing dead-lettered).
+
+        *burst*: also return once every queue of the router is empty and nothing is in
+        flight (for tests and one-shot jobs that wait for a state, not a time).
+        """
         settings = self._settings
         engine = settings.database.engine(
             application_name=self._name,
@@ -112,84 +148,57 @@ class Worker:
             # the dispatch, the message is requeued and the worker reconnects.
             pool_pre_ping=False,
         )
+        outage.guard_engine(engine, self._urls[outage.DATABASE])
         pipeline = Pipeline(
             sessions=async_sessionmaker(engine, expire_on_commit=False),
             outbox=Outbox.from_settings(settings),
             max_body_bytes=settings.max_body_bytes,
             crash_at=settings.crash_at,
         )
-        loop = asyncio.get_running_loop()
-        short_sessions = 0
+        halt = asyncio.Event()  # stop, or (in burst mode) nothing left to do
+        mirror = asyncio.create_task(_mirror(stop, halt))
+        supervisor = outage.Supervisor(
+            "worker", on_outage=self._count_outage, urls=self._urls, stop=halt
+        )
         try:
-            while not stop.is_set():
-                started = loop.time()
-                try:
-                    await self._wait_until_reachable(engine, stop)
-                    if stop.is_set():
-                        break
-                    await self._consume(pipeline, stop)
-                except Exception as exc:
-                    if not _is_outage(exc):
-                        raise
-                    self.stats.reconnects += 1
-                    log.warning("worker.outage", error=f"{type(exc).__name__}: {exc}"[:300])
-                finally:
-                    await self._close(stop.is_set())
-                # A link that connects and drops at once (a flapping network, a proxy cutting
-                # every connection) must not be reconnected in a tight loop: every cycle
-                # returns the prefetched messages, and the broker counts each return
-                # towards x-delivery-limit, so healthy messages would become dead letters.
-                short_sessions = short_sessions + 1 if loop.time() - started < 10 else 0
-                if short_sessions and not stop.is_set():
-                    pause = min(5.0, 0.25 * 2**short_sessions) * (0.5 + random.random() / 2)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), pause)
+            await supervisor.run(
+                connect=lambda: self._connect(engine),
+                work=lambda: self._consume(pipeline, halt, burst=burst),
+                close=lambda: self._close(halt.is_set()),
+            )
         finally:
+            mirror.cancel()
             await engine.dispose()
 
-    async def _wait_until_reachable(self, engine: AsyncEngine, stop: asyncio.Event) -> None:
-        """Block (with capped, jittered backoff) until the database and broker answer."""
+    async def _connect(self, engine: AsyncEngine) -> None:
+        """Open the broker connection once the database answers (each may raise an outage)."""
         settings = self._settings
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        self._set_connected(outage.DATABASE, True)
+        log.info("worker.connecting", amqp=self._urls[outage.BROKER])
+        async with outage.reaching(outage.BROKER, self._urls[outage.BROKER]):
+            self._connection = await rabbit.connect(
+                settings.amqp_url.get_secret_value(), name=self._name
+            )
 
-        async def sleep(seconds: float) -> None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), seconds)
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda exc: _is_outage(exc) and not stop.is_set()),
-            wait=wait_random_exponential(multiplier=0.2, max=5.0),
-            sleep=sleep,
-            reraise=True,
-            before_sleep=lambda state: log.warning(
-                "worker.waiting_for_dependencies", attempt=state.attempt_number
-            ),
-        )
-        async for attempt in retrying:
-            with attempt:
-                async with engine.connect() as connection:
-                    await connection.execute(text("SELECT 1"))
-                self._set_connected("database", True)
-                log.info(
-                    "worker.connecting",
-                    amqp=redact_url(settings.amqp_url.get_secret_value()),
-                    database=redact_url(settings.asyncpg_dsn),
-                )
-                self._connection = await rabbit.connect(settings.broker, name=self._name)
-
-    async def _consume(self, pipeline: Pipeline, stop: asyncio.Event) -> None:
+    async def _consume(self, pipeline: Pipeline, halt: asyncio.Event, *, burst: bool) -> None:
         settings = self._settings
         connection = self._connection
         self._broken.clear()
-        connection.close_callbacks.add(lambda *_: self._broken.set())
+        self._broken_by = None
+        self._stopping = False
+        connection.close_callbacks.add(self._on_close)
         await rabbit.declare_queues(
             connection,
             exchange=settings.exchange,
             dead_letter_exchange=settings.dead_letter_exchange,
             queues=[_queue_spec(c, settings.delivery_limit) for c in self._router],
         )
+        watched = []
         for consumer in self._router:
             channel = await connection.channel(publisher_confirms=False)
-            channel.close_callbacks.add(lambda *_: self._broken.set())
+            channel.close_callbacks.add(self._on_close)
             await channel.set_qos(prefetch_count=settings.worker_prefetch)
             live = await channel.get_queue(consumer.name, ensure=False)
             tag = await live.consume(self._callback(consumer, pipeline, dead=False))
@@ -202,17 +211,55 @@ class Worker:
             dead = await channel.get_queue(f"{consumer.name}.dead", ensure=False)
             tag = await dead.consume(self._callback(consumer, pipeline, dead=True))
             self._queues.append((dead, tag))
+            watched += [consumer.name, f"{consumer.name}.dead"]
         self._consuming = True
-        self._set_connected("broker", True)
+        self._set_connected(outage.BROKER, True)
         log.info("worker.consuming", consumers=[c.name for c in self._router])
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._broken.wait())]
+        waiters: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(halt.wait()),
+            asyncio.ensure_future(self._broken.wait()),
+        ]
+        if burst:
+            waiters.append(asyncio.ensure_future(self._until_idle(connection, watched, halt)))
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
-        if not stop.is_set():
-            raise _Outage("the broker connection or a channel closed, or the database is away")
+        if halt.is_set():
+            return
+        raise self._broken_by or outage.Unreachable(
+            outage.BROKER, self._urls[outage.BROKER], ConnectionError("a channel closed")
+        )
+
+    async def _until_idle(self, connection: Any, queues: list[str], halt: asyncio.Event) -> None:
+        """Set *halt* once every queue is empty and no delivery is unsettled, twice in a row."""
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            quiet = 0
+            while quiet < 2:
+                await asyncio.sleep(0.05)
+                empty = not self._unsettled and not self._inflight
+                for name in queues if empty else ():
+                    declared = await channel.declare_queue(name, passive=True)
+                    if declared.declaration_result.message_count:
+                        empty = False
+                        break
+                quiet = quiet + 1 if empty and not self._unsettled else 0
+            log.info("worker.idle")
+            halt.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    def _on_close(self, _sender: Any, reason: BaseException | None = None, *_: Any) -> None:
+        if self._broken_by is None and not self._stopping:
+            self._broken_by = outage.Unreachable(
+                outage.BROKER,
+                self._urls[outage.BROKER],
+                reason if reason is not None else ConnectionError("closed"),
+            )
+        self._broken.set()
 
     def _callback(
         self, consumer: Consumer[Any], pipeline: Pipeline, *, dead: bool
@@ -222,6 +269,7 @@ class Worker:
         async def on_message(incoming: AbstractIncomingMessage) -> None:
             # Our own task, not aiormq's: a closing channel must not cancel a handler
             # midway; the drain decides what finishes and what is requeued.
+            self._unsettled += 1
             if batched:
                 self._add_to_batch(consumer, incoming, pipeline)
             else:
@@ -284,13 +332,10 @@ class Worker:
                 await asyncio.shield(self._requeue(incoming, consumer, "cancelled at shutdown"))
             raise
         except Exception as exc:
-            why = f"{type(exc).__name__}: {exc}"[:300]
-            for incoming in batch:
-                await self._requeue(incoming, consumer, why)
-            self._set_connected("database", False)
-            self._broken.set()
+            await self._failed(exc, consumer, batch)
             return
         faults.crash_point(pipeline.crash_at, faults.WORKER_AFTER_COMMIT)
+        self._bug_streak = 0
         seconds = (time.perf_counter() - started) / len(batch)
         for incoming, result in zip(batch, results, strict=True):
             await self._ack(incoming, consumer, result, seconds)
@@ -304,8 +349,21 @@ class Worker:
         dead: bool,
     ) -> None:
         key = incoming.headers.get("postroom-key") if consumer.ordered and not dead else None
-        lock = self._key_lock(consumer.name, str(key)) if key is not None else None
-        async with lock or contextlib.nullcontext(), self._semaphore:
+        if key is None:
+            await self._handle_in_slot(consumer, incoming, pipeline, dead=dead)
+            return
+        async with self._key_locks.hold(consumer.name, str(key)):
+            await self._handle_in_slot(consumer, incoming, pipeline, dead=dead)
+
+    async def _handle_in_slot(
+        self,
+        consumer: Consumer[Any],
+        incoming: AbstractIncomingMessage,
+        pipeline: Pipeline,
+        *,
+        dead: bool,
+    ) -> None:
+        async with self._semaphore:
             if self._stopping or self._broken.is_set():
                 await self._requeue(
                     incoming, consumer, "not started: worker stopping or reconnecting"
@@ -324,19 +382,50 @@ class Worker:
                 await asyncio.shield(self._requeue(incoming, consumer, "cancelled at shutdown"))
                 raise
             except Exception as exc:
-                # No outcome could be recorded: the database is away. Requeue and pause.
-                await self._requeue(incoming, consumer, f"{type(exc).__name__}: {exc}"[:300])
-                self._set_connected("database", False)
-                self._broken.set()
-                return
-            finally:
-                if lock is not None and not lock._waiters:
-                    self._key_locks.pop((consumer.name, str(key)), None)
-            faults.crash_point(pipeline.crash_at, faults.WORKER_AFTER_COMMIT)
-            await self._ack(incoming, consumer, result, time.perf_counter() - started)
+                failed: Exception | None = exc
+            else:
+                failed = None
+        if failed is not None:  # outside the slot: a bug's backoff must not hold it
+            await self._failed(failed, consumer, [incoming])
+            return
+        faults.crash_point(pipeline.crash_at, faults.WORKER_AFTER_COMMIT)
+        self._bug_streak = 0
+        await self._ack(incoming, consumer, result, time.perf_counter() - started)
 
-    def _key_lock(self, consumer: str, key: str) -> asyncio.Lock:
-        return self._key_locks.setdefault((consumer, key), asyncio.Lock())
+    async def _failed(
+        self, exc: Exception, consumer: Consumer[Any], messages: list[AbstractIncomingMessage]
+    ) -> None:
+        """No outcome was recorded for *messages*: tell outage, configuration and bug apart.
+
+        Outage: requeue and reconnect. Configuration (postroom's schema missing): stop
+        consuming and raise it from :meth:`run`. Anything else is a bug in postroom:
+        logged with its traceback, the messages requeued after a backoff so they do not
+        spin, the connections left up and the other consumers untouched.
+        """
+        wrong = outage.config_error(exc, schema=self._settings.schema_name)
+        if wrong is not None or outage.is_outage(exc):
+            self._broken_by = self._broken_by or wrong or exc
+            if wrong is None:
+                self._set_connected(outage.peer_of(exc), False)
+            self._broken.set()
+            for incoming in messages:
+                await self._requeue(incoming, consumer, outage.describe(exc))
+            return
+        self.stats.bugs += 1
+        self._bug_streak += 1
+        pause = min(5.0, 0.1 * 2 ** min(self._bug_streak, 6)) * (0.5 + random.random() / 2)
+        log.error(
+            "worker.bug",
+            consumer=consumer.name,
+            message_ids=[m.message_id for m in messages][:20],
+            requeue_in_seconds=round(pause, 2),
+            exc_info=exc,
+        )
+        if not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._broken.wait(), pause)
+        for incoming in messages:
+            await self._requeue(incoming, consumer, outage.describe(exc), now=True)
 
     async def _ack(
         self,
@@ -345,6 +434,7 @@ class Worker:
         result: Result,
         seconds: float,
     ) -> None:
+        self._unsettled -= 1
         try:
             await incoming.ack()
         except Exception as exc:  # the channel died after commit: redelivery finds the inbox row
@@ -352,9 +442,9 @@ class Worker:
                 "message.ack_failed",
                 message_id=result.message_id,
                 consumer=consumer.name,
-                error=f"{type(exc).__name__}: {exc}"[:200],
+                error=outage.describe(exc),
             )
-            self._broken.set()
+            self._on_close(None, exc)
             return
         self.stats.count(result.outcome.value)
         if self._metrics is not None:
@@ -379,8 +469,24 @@ class Worker:
         )
 
     async def _requeue(
-        self, incoming: AbstractIncomingMessage, consumer: Consumer[Any], why: str
+        self,
+        incoming: AbstractIncomingMessage,
+        consumer: Consumer[Any],
+        why: str,
+        *,
+        now: bool = False,
     ) -> None:
+        """Give *incoming* back to the broker, unprocessed.
+
+        By default it is left unacked: this is only called when the channel is about
+        to close (stopping, an outage, a configuration error), and a closing channel
+        returns all its unacked messages at once, in delivery order, ahead of the queue.
+        Rejecting them one by one would let the broker deliver them straight back to
+        this still-open consumer (a requeue loop), and, for an ordered consumer, put a
+        message behind those that followed it. *now* rejects at once (channel staying
+        open: a bug's requeue).
+        """
+        self._unsettled -= 1
         self.stats.requeued += 1
         log.info(
             "message.requeued",
@@ -388,14 +494,9 @@ class Worker:
             consumer=consumer.name,
             reason=why,
         )
-        if consumer.ordered:
-            # Left unacked on purpose: we only requeue when the channel is about to close,
-            # and a closing channel returns all its unacked messages at once, in delivery
-            # order, ahead of the queue, before the next active consumer starts. A message
-            # rejected alone would be delivered again behind those that followed it.
-            return
-        with contextlib.suppress(Exception):  # a closed channel requeues by itself
-            await incoming.reject(requeue=True)
+        if now:
+            with contextlib.suppress(Exception):  # a closed channel requeues by itself
+                await incoming.reject(requeue=True)
 
     async def _close(self, stopping: bool) -> None:
         """Stop consuming, drain in-flight handlers (bounded), then close the connection."""
@@ -417,15 +518,24 @@ class Worker:
         # Whatever still waits for a batch came on the closed channel: the broker has it back.
         self._batches.clear()
         self._takers.clear()
+        self._unsettled = 0
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), timeout=5)
-        self._set_connected("broker", False)
+        self._set_connected(outage.BROKER, False)
+
+    def _count_outage(self) -> None:
+        self.stats.reconnects += 1
 
     def _set_connected(self, peer: str, up: bool) -> None:
         if self._metrics is not None:
             self._metrics.connected(component="worker", peer=peer, up=up)
+
+
+async def _mirror(stop: asyncio.Event, halt: asyncio.Event) -> None:
+    await stop.wait()
+    halt.set()
 
 
 def _queue_spec(consumer: Consumer[Any], delivery_limit: int) -> rabbit.QueueSpec:
@@ -448,10 +558,6 @@ def _delivery(incoming: AbstractIncomingMessage) -> Delivery:
         headers=dict(incoming.headers or {}),
         redelivered=bool(incoming.redelivered),
     )
-
-
-def _is_outage(exc: BaseException) -> bool:
-    return isinstance(exc, _Outage) or is_outage(exc)
 
 
 async def work_forever(
