@@ -1,0 +1,239 @@
+"""Outage, configuration, bug: the three kinds of failure, told apart (issue 12, finding 3).
+
+Against real PostgreSQL and RabbitMQ. A database that is not migrated stops the worker
+and the relay with one ConfigError: nothing requeued in a loop, nothing dead-lettered.
+A bug inside postroom is logged at ERROR with its traceback and the message requeued,
+while the database stays reported up and the other consumers keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aio_pika
+import pytest
+import structlog
+from sqlalchemy import text
+
+import postroom
+from postroom import Router, outage
+from postroom import dispatch as dispatch_module
+from postroom.errors import ConfigError
+from postroom.message import Delivery, Message
+from postroom.metrics import Metrics
+from postroom.relay import Relay
+from postroom.router import Context
+from postroom.settings import Settings
+from postroom.worker import Worker
+from tests.helpers import eventually
+
+
+class Ping(postroom.Event, topic="kinds.ping"):
+    n: int
+
+
+class Pong(postroom.Event, topic="kinds.pong"):
+    n: int
+
+
+async def _put(settings: Settings, event: postroom.Event) -> Message:
+    """Publish a postroom-shaped message straight to the exchange (no outbox, no relay)."""
+    from datetime import UTC, datetime
+
+    from postroom.message import uuid7
+
+    message = Message(
+        message_id=uuid7(),
+        topic=type(event).topic,
+        body=event.model_dump_json().encode(),
+        occurred_at=datetime.now(UTC),
+    )
+    delivery = Delivery.of(message)
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(settings.exchange, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(
+                delivery.body,
+                message_id=delivery.message_id,
+                type=delivery.type,
+                content_type=delivery.content_type,
+                timestamp=delivery.timestamp,
+                headers=dict(delivery.headers),
+            ),
+            routing_key=message.topic,
+        )
+    finally:
+        await connection.close()
+    return message
+
+
+async def _depth(settings: Settings, queue: str) -> int:
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count: int = declared.declaration_result.message_count or 0
+        return count
+    finally:
+        await connection.close()
+
+
+async def _delete_queues(settings: Settings, router: Router) -> None:
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    try:
+        channel = await connection.channel()
+        for consumer in router:
+            for name in (consumer.name, f"{consumer.name}.dead"):
+                await channel.queue_delete(name)
+    finally:
+        await connection.close()
+
+
+async def test_worker_on_an_unmigrated_database_stops_with_one_config_error(settings, names):
+    unmigrated = settings.model_copy(update={"schema_name": f"none_{names}"})
+    router = Router()
+    handled: list[int] = []
+
+    @router.consumer(f"kinds.{names}.cfg", Ping)
+    async def handle(event: Ping, ctx: Context) -> None:
+        handled.append(event.n)
+
+    worker = Worker(unmigrated, router)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await eventually(lambda: worker.ready or task.done(), timeout=20)
+        assert worker.ready, "the worker should consume (the broker side is fine)"
+        await _put(unmigrated, Ping(n=1))
+        with pytest.raises(ConfigError) as caught:
+            await asyncio.wait_for(task, 20)
+        assert "postroom migrate" in str(caught.value)
+        assert f"none_{names}" in str(caught.value)
+        assert handled == []
+        # Requeued once (the closing channel returned it), not in a loop; never dead.
+        assert worker.stats.requeued == 1
+        assert await _depth(unmigrated, f"kinds.{names}.cfg") == 1
+        assert await _depth(unmigrated, f"kinds.{names}.cfg.dead") == 0
+    finally:
+        stop.set()
+        if not task.done():
+            await asyncio.wait_for(task, 20)
+        await _delete_queues(unmigrated, router)
+
+
+async def test_relay_on_an_unmigrated_database_stops_with_one_config_error(settings, names):
+    unmigrated = settings.model_copy(update={"schema_name": f"none_{names}"})
+    with pytest.raises(ConfigError) as caught:
+        await asyncio.wait_for(Relay(unmigrated).run(asyncio.Event()), 20)
+    assert "postroom migrate" in str(caught.value)
+
+
+async def test_a_bug_in_dispatch_is_logged_requeued_and_marks_nothing_down(
+    settings, names, monkeypatch
+):
+    router = Router()
+    pongs: list[int] = []
+    pings: list[int] = []
+
+    @router.consumer(f"kinds.{names}.buggy", Ping)
+    async def on_ping(event: Ping, ctx: Context) -> None:
+        pings.append(event.n)
+
+    @router.consumer(f"kinds.{names}.fine", Pong)
+    async def on_pong(event: Pong, ctx: Context) -> None:
+        pongs.append(event.n)
+
+    real_claim = dispatch_module._claim
+    injected = 0
+
+    async def buggy_claim(session: Any, message: Any, consumer: Any, pipeline: Any) -> bool:
+        nonlocal injected
+        if consumer.name.endswith(".buggy") and injected < 3:
+            injected += 1
+            # An OSError from a programming error must not pass for an outage.
+            raise OSError(f"injected bug {injected}")
+        return await real_claim(session, message, consumer, pipeline)
+
+    monkeypatch.setattr(dispatch_module, "_claim", buggy_claim)
+    metrics = Metrics()
+    worker = Worker(settings, router, metrics=metrics)
+    stop = asyncio.Event()
+
+    def database_up() -> float | None:
+        return metrics.registry.get_sample_value(
+            "postroom_connection_up", {"component": "worker", "peer": "database"}
+        )
+
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            await eventually(lambda: worker.ready or task.done(), timeout=20)
+            assert worker.ready
+            await _put(settings, Ping(n=1))
+            await eventually(lambda: injected >= 1, timeout=10)
+            for n in range(5):  # the other consumer flows while the bug recurs
+                await _put(settings, Pong(n=n))
+            await eventually(lambda: len(pongs) == 5, timeout=20)
+            assert database_up() == 1.0 and worker.ready
+            await eventually(lambda: pings == [1], timeout=30)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await _delete_queues(settings, router)
+
+    assert injected == 3 and worker.stats.bugs == 3
+    assert worker.stats.requeued == 3
+    assert worker.stats.reconnects == 0
+    bugs = [e for e in logs if e["event"] == "worker.bug"]
+    assert len(bugs) == 3
+    assert all(e["log_level"] == "error" for e in bugs)
+    assert all(isinstance(e["exc_info"], OSError) for e in bugs)  # rendered with its traceback
+    assert not [e for e in logs if e["event"].startswith("worker.waiting")]
+
+
+def test_only_lost_connections_are_outages() -> None:
+    assert not outage.is_outage(OSError("a file a bug failed to open"))
+    assert not outage.is_outage(TimeoutError())
+    assert not outage.is_outage(ConnectionResetError("a handler's HTTP call"))
+    lost = outage.Unreachable("database", "postgresql://h/db", ConnectionRefusedError())
+    assert outage.is_outage(lost)
+    assert outage.peer_of(lost) == "database"
+    try:
+        try:
+            raise ConnectionResetError("socket")
+        except ConnectionResetError as exc:
+            raise outage.Unreachable("broker", "amqp://h/", exc) from exc
+    except outage.Unreachable as exc:
+        assert outage.is_outage(RuntimeError("wrapped")) is False
+        assert outage.peer_of(exc) == "broker"
+
+
+async def test_relay_bug_is_logged_and_retried_without_reconnecting(
+    settings, sessions, monkeypatch
+):
+    box = postroom.Outbox.from_settings(settings)
+    async with sessions() as session, session.begin():
+        await box.publish(session, Ping(n=1))
+    relay = Relay(settings)
+    real = relay._outgoing
+    calls = 0
+
+    def buggy(row: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TimeoutError("injected: a TimeoutError raised by a programming error")
+        return real(row)
+
+    monkeypatch.setattr(relay, "_outgoing", buggy)
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.wait_for(relay.run_until_idle(), 30)
+    assert calls == 2 and relay.stats.reconnects == 0
+    [bug] = [e for e in logs if e["event"] == "relay.bug"]
+    assert bug["log_level"] == "error" and isinstance(bug["exc_info"], TimeoutError)
+    async with sessions() as session:
+        left = await session.scalar(text(f'SELECT count(*) FROM "{settings.schema_name}".outbox'))
+    assert left == 1  # no queue bound: refused, rescheduled for later, not due
