@@ -83,6 +83,12 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.relay_batched_publish = Gauge(
+            "postroom_relay_batched_publish",
+            "1 while the relay publishes each batch in one write; 0 if the installed aiormq "
+            "lacks the channel tables that needs and it fell back to one publish per message.",
+            registry=r,
+        )
         self.consumer_messages = Counter(
             "postroom_consumer_messages",
             "Deliveries a consumer finished, by outcome (acked, duplicate, retry, dead).",

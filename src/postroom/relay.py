@@ -69,6 +69,7 @@ class Relay:
         self._db: asyncpg.Connection[Any] | None = None
         self._amqp: Any = None
         self._publisher: rabbit.ConfirmingPublisher | None = None
+        self._fallback_logged = False
         self.stats = RelayStats()
         self._metrics = metrics
         self._unroutable = UnroutablePolicy(
@@ -156,6 +157,16 @@ class Relay:
             self._amqp = await rabbit.connect(settings.amqp_url.get_secret_value(), name=self._name)
         await rabbit.declare_exchange(self._amqp, settings.exchange)
         self._publisher = await rabbit.ConfirmingPublisher.open(self._amqp)
+        if self._metrics is not None:
+            self._metrics.relay_batched_publish.set(1 if self._publisher.batched else 0)
+        if not self._publisher.batched and not self._fallback_logged:
+            self._fallback_logged = True
+            log.warning(
+                "relay.publish_fallback",
+                detail="the installed aiormq lacks the channel tables batched publishing "
+                "uses; publishing one message at a time (slower). Install the aiormq "
+                "version pinned by postroom.",
+            )
         self._peer_state(broker=True)
         log.info("relay.connected")
 

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("postroom.worker")
 
 
+DEAD_QUEUE_BUG_LIMIT = 5
+"""Bugs met recording one message from a ``.dead`` queue before the worker holds it."""
+
+
 class Metrics(Protocol):
     """What the worker reports; :class:`postroom.metrics.Metrics` implements it."""
 
@@ -117,6 +121,7 @@ class Worker:
         self._takers: set[str] = set()
         self._unsettled = 0
         self._bug_streak = 0
+        self._dead_bugs: dict[tuple[str, str], int] = {}
         self._urls = {
             outage.DATABASE: redact_url(settings.database_url.get_secret_value()),
             outage.BROKER: redact_url(settings.amqp_url.get_secret_value()),
@@ -386,21 +391,29 @@ class Worker:
             else:
                 failed = None
         if failed is not None:  # outside the slot: a bug's backoff must not hold it
-            await self._failed(failed, consumer, [incoming])
+            await self._failed(failed, consumer, [incoming], dead=dead)
             return
         faults.crash_point(pipeline.crash_at, faults.WORKER_AFTER_COMMIT)
         self._bug_streak = 0
         await self._ack(incoming, consumer, result, time.perf_counter() - started)
 
     async def _failed(
-        self, exc: Exception, consumer: Consumer[Any], messages: list[AbstractIncomingMessage]
+        self,
+        exc: Exception,
+        consumer: Consumer[Any],
+        messages: list[AbstractIncomingMessage],
+        *,
+        dead: bool = False,
     ) -> None:
         """No outcome was recorded for *messages*: tell outage, configuration and bug apart.
 
         Outage: requeue and reconnect. Configuration (postroom's schema missing): stop
         consuming and raise it from :meth:`run`. Anything else is a bug in postroom:
         logged with its traceback, the messages requeued after a backoff so they do not
-        spin, the connections left up and the other consumers untouched.
+        spin, the connections left up and the other consumers untouched. A message from
+        a ``.dead`` queue has no broker delivery limit behind it: after
+        :data:`DEAD_QUEUE_BUG_LIMIT` such requeues it is held unacked (it returns to its
+        queue when the worker restarts) instead of circulating forever.
         """
         wrong = outage.config_error(exc, schema=self._settings.schema_name)
         if wrong is not None or outage.is_outage(exc):
@@ -421,11 +434,30 @@ class Worker:
             requeue_in_seconds=round(pause, 2),
             exc_info=exc,
         )
+        if dead and self._hold_dead(consumer, messages[0]):
+            return
         if not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._broken.wait(), pause)
         for incoming in messages:
             await self._requeue(incoming, consumer, outage.describe(exc), now=True)
+
+    def _hold_dead(self, consumer: Consumer[Any], incoming: AbstractIncomingMessage) -> bool:
+        """Count a bug on a ``.dead`` delivery; return True once it is held, not requeued."""
+        name = (consumer.name, str(incoming.message_id or incoming.delivery_tag))
+        failures = self._dead_bugs[name] = self._dead_bugs.get(name, 0) + 1
+        if failures < DEAD_QUEUE_BUG_LIMIT:
+            return False
+        self._unsettled -= 1
+        log.error(
+            "worker.dead_letter_held",
+            consumer=consumer.name,
+            message_id=incoming.message_id,
+            failures=failures,
+            detail=f"could not be recorded from {consumer.name}.dead; left unacked until "
+            "this worker restarts (see the worker.bug lines for why)",
+        )
+        return True
 
     async def _ack(
         self,
@@ -519,6 +551,7 @@ class Worker:
         self._batches.clear()
         self._takers.clear()
         self._unsettled = 0
+        self._dead_bugs.clear()
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):

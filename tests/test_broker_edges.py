@@ -1,0 +1,132 @@
+"""Broker edges (issue 12, finding 6): the batched publish path, repeated message ids.
+
+Against real RabbitMQ and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import aio_pika
+import pytest
+from sqlalchemy import text
+
+import postroom
+from postroom import rabbit
+from postroom import worker as worker_module
+from postroom.message import Message, uuid7
+from postroom.metrics import Metrics
+from postroom.relay import Relay
+from postroom.worker import DEAD_QUEUE_BUG_LIMIT, Worker
+from tests.helpers import bind_queue, collect, eventually
+
+
+class Parcel(postroom.Event, topic="edges.parcel"):
+    n: int
+
+
+async def test_the_batched_publish_path_is_the_one_in_use(settings, amqp_url):
+    """aiormq is pinned because the publisher reads its channel tables: if an aiormq
+    release renames them, the publisher silently falls back to a slower path. This test
+    fails instead."""
+    connection = await rabbit.connect(amqp_url, name="postroom-test")
+    try:
+        publisher = await rabbit.ConfirmingPublisher.open(connection)
+        assert publisher.batched, "aiormq's channel tables changed: batched publishing is off"
+        await publisher.close()
+    finally:
+        await connection.close()
+    metrics = Metrics()
+    await Relay(settings, metrics=metrics).run_until_idle(timeout=30)
+    assert metrics.registry.get_sample_value("postroom_relay_batched_publish") == 1.0
+
+
+@pytest.mark.parametrize("unroutable_first", [True, False])
+async def test_one_batch_with_a_repeated_message_id_books_the_return_on_its_row(
+    settings, sessions, amqp, names, unroutable_first
+):
+    """Two outbox rows with one message id (a retry of one event for two consumers) in
+    one batch, one of them unroutable: that one stays with its error, the other is
+    delivered. (Keyed by message id, the return was booked against the other row and the
+    unroutable one deleted as published.)"""
+    queue = await bind_queue(amqp, settings.exchange, [Parcel.topic], f"q.{names}")
+    message = Message(
+        message_id=uuid7(),
+        topic=Parcel.topic,
+        body=Parcel(n=1).model_dump_json().encode(),
+        occurred_at=datetime.now(UTC),
+    )
+    box = postroom.Outbox.from_settings(settings)
+    nowhere = f"no-such-queue.{names}"
+    async with sessions() as session, session.begin():
+        routes = [("", nowhere), (None, Parcel.topic)]
+        for exchange, routing_key in routes if unroutable_first else routes[::-1]:
+            await box.write(session, message, exchange=exchange, routing_key=routing_key)
+    relay = Relay(settings)
+    await relay.run_until_idle(timeout=30)
+    got = await collect(settings.amqp_url.get_secret_value(), queue, count=1, settle=0.5)
+    assert [m.message_id for m in got] == [str(message.message_id)]
+    async with sessions() as session:
+        rows = (
+            await session.execute(
+                text(
+                    f'SELECT routing_key, attempts, last_error FROM "{settings.schema_name}".outbox'
+                )
+            )
+        ).all()
+    assert len(rows) == 1, rows
+    routing_key, attempts, last_error = rows[0]
+    assert (routing_key, attempts) == (nowhere, 1)
+    assert "unroutable" in last_error
+    assert (relay.stats.published, relay.stats.failed) == (1, 1)
+
+
+async def test_a_dead_queue_message_the_worker_cannot_record_stops_circulating(
+    settings, names, monkeypatch
+):
+    """`.dead` queues have no delivery limit behind them: a message the worker cannot
+    record (a bug) would be requeued forever. The worker holds it after a few tries."""
+    router = postroom.Router()
+    name = f"edges.{names}"
+
+    @router.consumer(name, Parcel)
+    async def handle(event: Parcel, ctx: postroom.Context) -> None:
+        pass
+
+    attempts = 0
+
+    async def cannot_record(*_: object) -> object:
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("injected bug while recording a broker dead letter")
+
+    monkeypatch.setattr(worker_module, "record_broker_dead_letter", cannot_record)
+    worker = Worker(settings, router)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    try:
+        await eventually(lambda: worker.ready or task.done(), timeout=20)
+        channel = await connection.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(b'{"n": 1}', message_id=str(uuid7()), type=Parcel.topic),
+            routing_key=f"{name}.dead",
+        )
+        await eventually(lambda: attempts >= DEAD_QUEUE_BUG_LIMIT, timeout=30)
+        await asyncio.sleep(1.5)  # longer than the last backoff: no further delivery
+        assert attempts == DEAD_QUEUE_BUG_LIMIT
+        assert worker.stats.bugs == DEAD_QUEUE_BUG_LIMIT
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        # Held, not dropped: back in its queue once the worker let go of it.
+        declared = await channel.declare_queue(f"{name}.dead", passive=True)
+        assert declared.declaration_result.message_count == 1
+    finally:
+        stop.set()
+        if not task.done():
+            await asyncio.wait_for(task, 30)
+        channel = await connection.channel()
+        for queue in (name, f"{name}.dead"):
+            await channel.queue_delete(queue)
+        await connection.close()
