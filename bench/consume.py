@@ -8,9 +8,10 @@ concurrency as the worker's defaults (64 and 16):
   message, ack after commit: the baseline (target: postroom >= 0.8x);
 * ``raw 200 per tx + ack``: the same rows, 200 messages per transaction;
 * ``postroom worker``: ``python -m postroom worker bench.consumer_app:router``
-  (inbox + handler's one-row insert + commit + ack, per message);
-* ``postroom worker, batch 200``: ``POSTROOM_WORKER_BATCH_SIZE=200`` (each message in
-  its own SAVEPOINT, one commit, acks after it; target >= 2x the per-message worker).
+  (inbox + handler's one-row insert through ``ctx.connection`` + commit + ack, per
+  message); ``, ctx.session``: the same insert through an ORM session;
+* ``postroom worker, batch 200``: ``POSTROOM_WORKER_BATCH_SIZE=200`` (one inbox
+  statement and one commit per batch, acks after it; target >= 0.6x the raw 200 per tx).
 The rate is (messages - 1) / (last handled - first handled), so process start-up and
 the fill are not counted.
 """
@@ -203,7 +204,12 @@ async def raw_consume(env: BenchEnv, n: int, *, mode: str) -> Figure:
 
 
 async def worker_consume(
-    env: BenchEnv, n: int, *, batch: int = 1, profile_to: Path | None = None
+    env: BenchEnv,
+    n: int,
+    *,
+    batch: int = 1,
+    profile_to: Path | None = None,
+    app: str = "bench.consumer_app:router",
 ) -> Figure:
     await _reset(env)
     await fill(env, CONSUMER, n)
@@ -215,7 +221,7 @@ async def worker_consume(
     }
     async with services(
         env,
-        ["worker", "bench.consumer_app:router"],
+        ["worker", app],
         ready_marker="worker.consuming",
         extra_env=extra_env,
     ) as procs:
@@ -236,6 +242,8 @@ async def worker_consume(
         if spy is not None:
             await stop_py_spy(spy)
     name = "postroom worker" + (f", batch {batch}" if batch > 1 else "")
+    if app.endswith(":session_router"):
+        name += ", ctx.session"
     if profile_to:
         name += " (under py-spy)"
 
@@ -273,6 +281,7 @@ async def run(env: BenchEnv, results: Results, *, quick: bool, profile: Path | N
         lambda: raw_consume(env, n, mode="tx"),
         lambda: raw_consume(env, n, mode="batch"),
         lambda: worker_consume(env, n),
+        lambda: worker_consume(env, n, app="bench.consumer_app:session_router"),
         lambda: worker_consume(env, n, batch=BATCH),
     ):
         results.add(await variant())

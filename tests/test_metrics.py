@@ -51,6 +51,7 @@ EXPECTED_FAMILIES = {
     "postroom_relay_unroutable": "counter",
     "postroom_relay_dropped": "counter",
     "postroom_relay_batch_duration_seconds": "histogram",
+    "postroom_relay_batched_publish": "gauge",
     "postroom_consumer_messages": "counter",
     "postroom_handler_duration_seconds": "histogram",
     "postroom_handlers_in_flight": "gauge",

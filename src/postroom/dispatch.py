@@ -15,11 +15,11 @@ own exception is never raised: it is the handler's, and becomes a retry or a dea
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from postroom import faults, inbox
 from postroom.deadletters import DeadReason
@@ -44,12 +44,23 @@ from postroom.router import Consumer, Context
 
 @dataclass(frozen=True, slots=True)
 class Pipeline:
-    """The collaborators dispatch needs; built once per worker."""
+    """The collaborators dispatch needs; built once per worker.
+
+    A delivery's transaction runs on a connection of ``sessions``' engine; an ORM
+    session is made from ``sessions`` only if the handler touches ``ctx.session``.
+    """
 
     sessions: async_sessionmaker[AsyncSession]
     outbox: Outbox
     max_body_bytes: int
     crash_at: str | None = None
+    engine: AsyncEngine = field(init=False)
+
+    def __post_init__(self) -> None:
+        bind = self.sessions.kw.get("bind")
+        if not isinstance(bind, AsyncEngine):
+            raise TypeError("Pipeline needs an async_sessionmaker bound to an AsyncEngine")
+        object.__setattr__(self, "engine", bind)
 
     @property
     def schema(self) -> str:
@@ -76,11 +87,11 @@ async def dispatch(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeli
     message = decoded.message
     claimed = False
     try:
-        async with pipeline.sessions() as session, session.begin():
-            if not await _claim(session, message, consumer, pipeline):
+        async with pipeline.engine.connect() as connection, connection.begin():
+            if not await _claim(connection, message, consumer, pipeline):
                 return result_of(Outcome.DUPLICATE, message)
             claimed = True
-            await _run_handler(session, decoded, consumer, pipeline)
+            await _run_handler(connection, decoded, consumer, pipeline)
     except Exception as exc:
         if not claimed or is_outage(exc):
             # Not the handler failing: postroom's own inbox step failed, or our transaction
@@ -129,15 +140,15 @@ async def _run_batch(
     failures: list[Failure] = []
     claimed = False
     try:
-        async with pipeline.sessions() as session, session.begin():
+        async with pipeline.engine.connect() as connection, connection.begin():
             fresh = await inbox.claim_many(
-                session,
+                connection,
                 schema=pipeline.schema,
                 consumer=consumer.name,
                 message_ids=[i.message.message_id for i in items if isinstance(i, _Decoded)],
             )
             claimed = True
-            await _run_items(session, items, fresh, consumer, pipeline, results, failures)
+            await _run_items(connection, items, fresh, consumer, pipeline, results, failures)
     except _HandlerFailed:
         raise
     except Exception as exc:
@@ -150,7 +161,7 @@ async def _run_batch(
 
 
 async def _run_items(
-    session: AsyncSession,
+    connection: AsyncConnection,
     items: list[_Decoded | Failure],
     fresh: set[Any],
     consumer: Consumer[Any],
@@ -166,14 +177,16 @@ async def _run_items(
                 continue
             fresh.discard(message.message_id)
             try:
-                await _run_handler(session, item, consumer, pipeline)
+                await _run_handler(connection, item, consumer, pipeline)
             except Exception as exc:
                 if is_outage(exc):
                     raise
                 raise _HandlerFailed from exc
             results.append(result_of(Outcome.ACKED, message))
             continue
-        await write(session, item, consumer, pipeline.outbox)
+        async with pipeline.sessions(bind=connection) as session:
+            session.sync_session.begin()  # join the batch's transaction
+            await write(session, item, consumer, pipeline.outbox)
         failures.append(item)
         results.append(item.result)
 
@@ -206,21 +219,29 @@ def _decode(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeline) -> 
 
 
 async def _claim(
-    session: AsyncSession, message: Message, consumer: Consumer[Any], pipeline: Pipeline
+    connection: AsyncConnection, message: Message, consumer: Consumer[Any], pipeline: Pipeline
 ) -> bool:
     return await inbox.claim(
-        session, schema=pipeline.schema, consumer=consumer.name, message_id=message.message_id
+        connection, schema=pipeline.schema, consumer=consumer.name, message_id=message.message_id
     )
 
 
 async def _run_handler(
-    session: AsyncSession, decoded: _Decoded, consumer: Consumer[Any], pipeline: Pipeline
+    connection: AsyncConnection, decoded: _Decoded, consumer: Consumer[Any], pipeline: Pipeline
 ) -> None:
     context = Context(
-        session=session, message=decoded.message, consumer=consumer.name, outbox=pipeline.outbox
+        connection=connection,
+        message=decoded.message,
+        consumer=consumer.name,
+        outbox=pipeline.outbox,
+        sessions=pipeline.sessions,
     )
-    faults.crash_point(pipeline.crash_at, faults.WORKER_IN_HANDLER)
-    await consumer.handler(decoded.event, context)
+    try:
+        faults.crash_point(pipeline.crash_at, faults.WORKER_IN_HANDLER)
+        await consumer.handler(decoded.event, context)
+        await context.flush()
+    finally:
+        await context.release()
 
 
 async def _settle_alone(failure: Failure, consumer: Consumer[Any], pipeline: Pipeline) -> Result:

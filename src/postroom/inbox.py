@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from sqlalchemy import bindparam, exists, func, select
 from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from postroom.tables import inbox, schema_map
 
@@ -37,13 +37,12 @@ _CLAIM_MANY = (
 
 
 async def claim(
-    session: AsyncSession, *, schema: str, consumer: str, message_id: uuid.UUID
+    connection: AsyncConnection, *, schema: str, consumer: str, message_id: uuid.UUID
 ) -> bool:
     """Insert the inbox row; return False if *consumer* already processed *message_id*.
 
     Must run inside the transaction that performs the handler's writes.
     """
-    connection = await session.connection()
     result = await connection.execute(
         _CLAIM,
         {"consumer": consumer, "message_id": message_id},
@@ -53,7 +52,11 @@ async def claim(
 
 
 async def claim_many(
-    session: AsyncSession, *, schema: str, consumer: str, message_ids: Iterable[uuid.UUID]
+    connection: AsyncConnection,
+    *,
+    schema: str,
+    consumer: str,
+    message_ids: Iterable[uuid.UUID],
 ) -> set[uuid.UUID]:
     """Claim several messages in one statement; return the ids not processed before.
 
@@ -63,7 +66,6 @@ async def claim_many(
     ids = sorted(set(message_ids))
     if not ids:
         return set()
-    connection = await session.connection()
     result = await connection.execute(
         _CLAIM_MANY,
         {"consumer": consumer, "message_ids": ids},

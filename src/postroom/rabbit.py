@@ -1,4 +1,4 @@
-"""Everything that speaks AMQP: connections, topology and the confirming publisher.
+"""Everything that speaks AMQP: connections, topology, the publisher and the subscriber.
 
 This is the only module that imports aio-pika, so ``import postroom`` in a web process
 that only publishes to the outbox never loads a broker client.
@@ -7,14 +7,14 @@ that only publishes to the outbox never loads a broker client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import aio_pika
 import aiormq
+import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, ExchangeType
 from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
@@ -22,7 +22,10 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from postroom.broker import Broker
-from postroom.errors import TopologyMismatchError, TopologyRefusedError
+from postroom.errors import TopologyMismatchError
+from postroom.message import Delivery
+
+_log = structlog.get_logger("postroom.rabbit")
 
 PERSISTENT = 2
 QUORUM = "quorum"
@@ -121,6 +124,20 @@ async def declare_queues(
             for topic in queue.topics:
                 await live.bind(exchange, routing_key=topic)
         finally:
+            await channel.close()
+
+
+async def queue_depths(connection: AbstractConnection, names: Sequence[str]) -> int:
+    """Return how many ready messages the queues *names* hold together (passive declare)."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        total = 0
+        for name in names:
+            declared = await channel.declare_queue(name, passive=True)
+            total += declared.declaration_result.message_count or 0
+        return total
+    finally:
+        if not channel.is_closed:
             await channel.close()
 
 
@@ -386,71 +403,132 @@ def _properties(message: Outgoing) -> Any:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class QueueState:
-    """A queue as the broker reports it to a passive declare."""
-
-    name: str
-    exists: bool
-    messages: int = 0
-    consumers: int = 0
+Deliver = Callable[[Delivery, int], None]
+"""Called with each delivery (converted at the edge) and its delivery tag."""
 
 
-@contextlib.asynccontextmanager
-async def _raw_channel(connection: AbstractConnection) -> AsyncIterator[Any]:
-    """Yield aiormq's channel under a channel of its own: a failed declare closes it."""
-    channel = await connection.channel(publisher_confirms=False)
-    try:
-        yield await channel.get_underlay_channel()
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+class Subscriber:
+    """One AMQP channel of a worker: QoS, consume, coalesced acks, rejects, close.
 
-
-async def queue_state(connection: AbstractConnection, name: str) -> QueueState:
-    """Look a queue up without creating it (a passive declare)."""
-    try:
-        async with _raw_channel(connection) as raw:
-            ok = await raw.queue_declare(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return QueueState(name, exists=False)
-    return QueueState(name, True, ok.message_count or 0, ok.consumer_count or 0)
-
-
-async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
-    """Return True if exchange *name* exists (a passive declare; nothing is created)."""
-    try:
-        async with _raw_channel(connection) as raw:
-            await raw.exchange_declare(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return False
-    return True
-
-
-async def delete_queue(connection: AbstractConnection, name: str, *, force: bool) -> int:
-    """Delete queue *name* (and so its bindings); return the messages deleted with it.
-
-    Quorum queues do not support the broker's ``if-empty`` flag (RabbitMQ answers
-    NOT_IMPLEMENTED and closes the connection), so unless *force* is set the queue is
-    looked at just before the delete and one holding messages or consumers raises
-    TopologyRefusedError. A message published in between those two steps is lost with
-    the queue: stop the producers of a queue before deleting it.
+    Consumes through the aiormq channel under aio-pika, so a delivery costs no
+    aio-pika message object: it is converted once, here, into a broker-free
+    :class:`~postroom.message.Delivery`. Settlements are sent once per event-loop
+    turn, in order: rejects first, then the run of acked tags from the oldest
+    unsettled delivery as ONE ``basic.ack(multiple=True)``, then any acked tag past a
+    gap (a delivery still in hand) on its own. A tag is never covered by a multiple
+    ack unless it was acked itself.
     """
-    if not force:
-        state = await queue_state(connection, name)
-        if state.messages or state.consumers:
-            raise TopologyRefusedError(
-                "queue", name, f"{state.messages} messages, {state.consumers} consumers"
-            )
-    async with _raw_channel(connection) as raw:
-        ok = await raw.queue_delete(name)
-    return int(ok.message_count or 0)
+
+    _ACKED = 1
+    _REJECT = 2
+    _REQUEUE = 3
+
+    def __init__(self, channel: AbstractChannel, raw: Any) -> None:
+        self._channel = channel
+        self._raw = raw
+        self._open: dict[int, int] = {}  # tag -> 0 in hand | _ACKED | _REJECT | _REQUEUE
+        self._flushing: asyncio.Future[None] | None = None
+        self._dirty = False
+
+    @classmethod
+    async def open(
+        cls,
+        connection: AbstractConnection,
+        *,
+        prefetch: int,
+        on_close: Callable[[BaseException | None], None],
+    ) -> Subscriber:
+        channel = await connection.channel(publisher_confirms=False)
+        channel.close_callbacks.add(lambda _sender, exc=None, *_: on_close(exc))
+        await channel.set_qos(prefetch_count=prefetch)
+        return cls(channel, await channel.get_underlay_channel())
+
+    @property
+    def is_open(self) -> bool:
+        return not self._channel.is_closed
+
+    async def consume(self, queue: str, deliver: Deliver) -> str:
+        """Start consuming *queue*; return the consumer tag (for :meth:`cancel`)."""
+        opened = self._open
+
+        async def on_message(message: Any) -> None:
+            tag: int = message.delivery.delivery_tag
+            opened[tag] = 0
+            deliver(_delivery(message), tag)
+
+        ok = await self._raw.basic_consume(queue, on_message)
+        tag: str = ok.consumer_tag
+        return tag
+
+    async def cancel(self, consumer_tag: str) -> None:
+        """Stop deliveries to *consumer_tag*; those in hand stay in hand."""
+        await self._raw.basic_cancel(consumer_tag)
+
+    def ack(self, tag: int) -> None:
+        """Ack *tag* (sent with the next flush)."""
+        self._settle(tag, self._ACKED)
+
+    def reject(self, tag: int, *, requeue: bool) -> None:
+        """Reject *tag*, back to its queue if *requeue* (sent with the next flush)."""
+        self._settle(tag, self._REQUEUE if requeue else self._REJECT)
+
+    def _settle(self, tag: int, how: int) -> None:
+        if self._open.get(tag) == 0:
+            self._open[tag] = how
+            self._dirty = True
+            if self._flushing is None:
+                self._flushing = asyncio.ensure_future(self._flush())
+
+    async def flush(self) -> None:
+        """Send the settlements made so far (:meth:`close` does it too)."""
+        if self._flushing is not None:
+            await asyncio.shield(self._flushing)
+
+    async def _flush(self) -> None:
+        # One flush at a time: a reject must reach the wire before any multiple ack
+        # whose range covers its tag.
+        opened, raw = self._open, self._raw
+        try:
+            while self._dirty:
+                await asyncio.sleep(0)  # let this loop turn's settlements join
+                self._dirty = False
+                for tag, how in [(t, h) for t, h in opened.items() if h > self._ACKED]:
+                    del opened[tag]
+                    await raw.basic_reject(tag, requeue=how == self._REQUEUE)
+                last = None
+                for tag, how in opened.items():
+                    if how != self._ACKED:
+                        break
+                    last = tag
+                if last is not None:
+                    for tag in [t for t in opened if t <= last]:
+                        del opened[tag]
+                    await raw.basic_ack(last, multiple=True)
+                for tag in [t for t, h in opened.items() if h == self._ACKED]:
+                    del opened[tag]
+                    await raw.basic_ack(tag)
+        except Exception as exc:  # channel gone: the broker returns the unacked itself
+            _log.debug("subscriber.flush_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._flushing = None
+
+    async def close(self) -> None:
+        """Flush, then close the channel (which returns every delivery still in hand)."""
+        await self.flush()
+        self._open.clear()
+        if not self._channel.is_closed:
+            await self._channel.close()
 
 
-async def delete_exchange(connection: AbstractConnection, name: str, *, if_unused: bool) -> None:
-    """Delete exchange *name*; with *if_unused* the broker refuses one a queue is bound to."""
-    try:
-        async with _raw_channel(connection) as raw:
-            await raw.exchange_delete(name, if_unused=if_unused)
-    except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        raise TopologyRefusedError("exchange", name, str(exc)) from None
+def _delivery(message: Any) -> Delivery:
+    properties = message.header.properties
+    return Delivery(
+        body=message.body,
+        message_id=properties.message_id,
+        type=properties.message_type,
+        timestamp=properties.timestamp,
+        content_type=properties.content_type,
+        correlation_id=properties.correlation_id,
+        headers=properties.headers or {},
+        redelivered=bool(message.delivery.redelivered),
+    )

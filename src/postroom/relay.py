@@ -80,7 +80,7 @@ class Relay:
         self._peer_state(database=False, broker=False)
         self._claim_sql = _claim_sql(self._outbox)
         self._urls = {
-            outage.DATABASE: redact_url(settings.database_url.get_secret_value()),
+            outage.DATABASE: redact_url(settings.asyncpg_dsn),
             outage.BROKER: redact_url(settings.amqp_url.get_secret_value()),
         }
         self._head_partitions_sql = _head_partitions_sql(self._outbox)

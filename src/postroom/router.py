@@ -19,7 +19,7 @@ from postroom.message import HeaderValue, Message
 from postroom.tracing import child_traceparent
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
     from postroom.outbox import Outbox
 
@@ -129,18 +129,59 @@ class Router:
         return self._consumers[name]
 
 
-@dataclass(slots=True)
 class Context:
     """What a handler gets besides its event: the transaction and the message's facts.
 
-    Everything written through :attr:`session` and :meth:`publish` commits together with
-    the inbox row, or not at all.
+    Everything written through :attr:`connection`, :attr:`session` and :meth:`publish`
+    commits together with the inbox row, or not at all. :attr:`connection` is the
+    message's transaction itself (SQLAlchemy Core or ``text()``), the fast handle: no
+    ORM session is made unless the handler touches :attr:`session`, which joins that
+    same transaction at first use (pending ORM changes are flushed before the commit).
     """
 
-    session: AsyncSession
-    message: Message
-    consumer: str
-    outbox: Outbox
+    __slots__ = ("_session", "_sessions", "connection", "consumer", "message", "outbox")
+
+    def __init__(
+        self,
+        *,
+        connection: AsyncConnection,
+        message: Message,
+        consumer: str,
+        outbox: Outbox,
+        sessions: Callable[..., AsyncSession] | None = None,
+    ) -> None:
+        self.connection = connection
+        self.message = message
+        self.consumer = consumer
+        self.outbox = outbox
+        self._sessions = sessions
+        self._session: AsyncSession | None = None
+
+    @property
+    def session(self) -> AsyncSession:
+        """The ORM session in the message's transaction; never commit it yourself."""
+        if self._session is None:
+            from sqlalchemy.ext.asyncio import AsyncSession
+
+            if self._sessions is not None:
+                session = self._sessions(bind=self.connection)
+            else:
+                session = AsyncSession(bind=self.connection, expire_on_commit=False)
+            # Join the connection's transaction now (no I/O), so publish() finds it open.
+            session.sync_session.begin()
+            self._session = session
+        return self._session
+
+    async def flush(self) -> None:
+        """Flush the session's pending changes, if a session was made (dispatch calls it)."""
+        if self._session is not None:
+            await self._session.flush()
+
+    async def release(self) -> None:
+        """Close the session, if any; the transaction is the connection's (dispatch calls it)."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
 
     @property
     def attempt(self) -> int:

@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import structlog
 from sqlalchemy import text
@@ -32,9 +32,6 @@ from postroom.message import Delivery
 from postroom.outbox import Outbox
 from postroom.router import Consumer, Router
 from postroom.settings import Settings, redact_url
-
-if TYPE_CHECKING:
-    from aio_pika.abc import AbstractIncomingMessage
 
 log = structlog.get_logger("postroom.worker")
 
@@ -64,6 +61,19 @@ class WorkerStats:
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+@dataclass(slots=True)
+class _Taken:
+    """A delivery in hand: what dispatch sees, and how to settle it with the broker."""
+
+    delivery: Delivery
+    tag: int
+    subscriber: rabbit.Subscriber
+
+    @property
+    def message_id(self) -> str | None:
+        return self.delivery.message_id
 
 
 class KeyLocks:
@@ -116,14 +126,15 @@ class Worker:
         self._stopping = False
         self._consuming = False
         self._connection: Any = None
-        self._queues: list[tuple[Any, str]] = []
-        self._batches: dict[str, list[AbstractIncomingMessage]] = {}
+        self._queues: list[tuple[rabbit.Subscriber, str]] = []
+        self._subscribers: list[rabbit.Subscriber] = []
+        self._batches: dict[str, list[_Taken]] = {}
         self._takers: set[str] = set()
         self._unsettled = 0
         self._bug_streak = 0
         self._dead_bugs: dict[tuple[str, str], int] = {}
         self._urls = {
-            outage.DATABASE: redact_url(settings.database_url.get_secret_value()),
+            outage.DATABASE: redact_url(settings.asyncpg_dsn),
             outage.BROKER: redact_url(settings.amqp_url.get_secret_value()),
         }
         self.stats = WorkerStats()
@@ -202,20 +213,21 @@ class Worker:
         )
         watched = []
         for consumer in self._router:
-            channel = await connection.channel(publisher_confirms=False)
-            channel.close_callbacks.add(self._on_close)
-            await channel.set_qos(prefetch_count=settings.worker_prefetch)
-            live = await channel.get_queue(consumer.name, ensure=False)
-            tag = await live.consume(self._callback(consumer, pipeline, dead=False))
+            subscriber = await rabbit.Subscriber.open(
+                connection, prefetch=settings.worker_prefetch, on_close=self._channel_closed
+            )
+            self._subscribers.append(subscriber)
+            deliver = self._callback(consumer, pipeline, subscriber, dead=False)
+            tag = await subscriber.consume(consumer.name, deliver)
             if not consumer.ordered:
                 # An ordered (single-active-consumer) queue is never cancelled: a cancel
                 # hands it to the next consumer while our unacked messages are still out,
                 # and those would then overtake them. Closing the channel returns them
                 # first (see _requeue).
-                self._queues.append((live, tag))
-            dead = await channel.get_queue(f"{consumer.name}.dead", ensure=False)
-            tag = await dead.consume(self._callback(consumer, pipeline, dead=True))
-            self._queues.append((dead, tag))
+                self._queues.append((subscriber, tag))
+            deliver = self._callback(consumer, pipeline, subscriber, dead=True)
+            tag = await subscriber.consume(f"{consumer.name}.dead", deliver)
+            self._queues.append((subscriber, tag))
             watched += [consumer.name, f"{consumer.name}.dead"]
         self._consuming = True
         self._set_connected(outage.BROKER, True)
@@ -239,23 +251,18 @@ class Worker:
 
     async def _until_idle(self, connection: Any, queues: list[str], halt: asyncio.Event) -> None:
         """Set *halt* once every queue is empty and no delivery is unsettled, twice in a row."""
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            quiet = 0
-            while quiet < 2:
-                await asyncio.sleep(0.05)
-                empty = not self._unsettled and not self._inflight
-                for name in queues if empty else ():
-                    declared = await channel.declare_queue(name, passive=True)
-                    if declared.declaration_result.message_count:
-                        empty = False
-                        break
-                quiet = quiet + 1 if empty and not self._unsettled else 0
-            log.info("worker.idle")
-            halt.set()
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
+        quiet = 0
+        while quiet < 2:
+            await asyncio.sleep(0.05)
+            idle = not self._unsettled and not self._inflight
+            if idle and await rabbit.queue_depths(connection, queues):
+                idle = False
+            quiet = quiet + 1 if idle and not self._unsettled else 0
+        log.info("worker.idle")
+        halt.set()
+
+    def _channel_closed(self, reason: BaseException | None) -> None:
+        self._on_close(None, reason)
 
     def _on_close(self, _sender: Any, reason: BaseException | None = None, *_: Any) -> None:
         if self._broken_by is None and not self._stopping:
@@ -267,29 +274,33 @@ class Worker:
         self._broken.set()
 
     def _callback(
-        self, consumer: Consumer[Any], pipeline: Pipeline, *, dead: bool
-    ) -> Callable[[AbstractIncomingMessage], Coroutine[Any, Any, None]]:
+        self,
+        consumer: Consumer[Any],
+        pipeline: Pipeline,
+        subscriber: rabbit.Subscriber,
+        *,
+        dead: bool,
+    ) -> rabbit.Deliver:
         batched = self._settings.worker_batch_size > 1 and not consumer.ordered and not dead
 
-        async def on_message(incoming: AbstractIncomingMessage) -> None:
+        def on_delivery(delivery: Delivery, tag: int) -> None:
             # Our own task, not aiormq's: a closing channel must not cancel a handler
             # midway; the drain decides what finishes and what is requeued.
             self._unsettled += 1
+            taken = _Taken(delivery, tag, subscriber)
             if batched:
-                self._add_to_batch(consumer, incoming, pipeline)
+                self._add_to_batch(consumer, taken, pipeline)
             else:
-                self._spawn(self._handle(consumer, incoming, pipeline, dead=dead))
+                self._spawn(self._handle(consumer, taken, pipeline, dead=dead))
 
-        return on_message
+        return on_delivery
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    def _add_to_batch(
-        self, consumer: Consumer[Any], incoming: AbstractIncomingMessage, pipeline: Pipeline
-    ) -> None:
+    def _add_to_batch(self, consumer: Consumer[Any], incoming: _Taken, pipeline: Pipeline) -> None:
         """Queue *incoming* for the next batch of its consumer.
 
         Natural batching: a batch is what has arrived by the time a handler slot is free
@@ -319,7 +330,7 @@ class Worker:
     async def _handle_batch(
         self,
         consumer: Consumer[Any],
-        batch: list[AbstractIncomingMessage],
+        batch: list[_Taken],
         pipeline: Pipeline,
     ) -> None:
         """Dispatch one batch (the caller holds a handler slot); ack after the commit."""
@@ -331,7 +342,7 @@ class Worker:
         inflight = self._metrics.inflight(consumer.name) if self._metrics else None
         try:
             with inflight or contextlib.nullcontext():
-                results = await dispatch_batch([_delivery(m) for m in batch], consumer, pipeline)
+                results = await dispatch_batch([m.delivery for m in batch], consumer, pipeline)
         except asyncio.CancelledError:
             for incoming in batch:
                 await asyncio.shield(self._requeue(incoming, consumer, "cancelled at shutdown"))
@@ -348,12 +359,14 @@ class Worker:
     async def _handle(
         self,
         consumer: Consumer[Any],
-        incoming: AbstractIncomingMessage,
+        incoming: _Taken,
         pipeline: Pipeline,
         *,
         dead: bool,
     ) -> None:
-        key = incoming.headers.get("postroom-key") if consumer.ordered and not dead else None
+        key = (
+            incoming.delivery.headers.get("postroom-key") if consumer.ordered and not dead else None
+        )
         if key is None:
             await self._handle_in_slot(consumer, incoming, pipeline, dead=dead)
             return
@@ -363,7 +376,7 @@ class Worker:
     async def _handle_in_slot(
         self,
         consumer: Consumer[Any],
-        incoming: AbstractIncomingMessage,
+        incoming: _Taken,
         pipeline: Pipeline,
         *,
         dead: bool,
@@ -374,7 +387,7 @@ class Worker:
                     incoming, consumer, "not started: worker stopping or reconnecting"
                 )
                 return
-            delivery = _delivery(incoming)
+            delivery = incoming.delivery
             started = time.perf_counter()
             inflight = self._metrics.inflight(consumer.name) if self._metrics else None
             try:
@@ -401,7 +414,7 @@ class Worker:
         self,
         exc: Exception,
         consumer: Consumer[Any],
-        messages: list[AbstractIncomingMessage],
+        messages: list[_Taken],
         *,
         dead: bool = False,
     ) -> None:
@@ -442,9 +455,9 @@ class Worker:
         for incoming in messages:
             await self._requeue(incoming, consumer, outage.describe(exc), now=True)
 
-    def _hold_dead(self, consumer: Consumer[Any], incoming: AbstractIncomingMessage) -> bool:
+    def _hold_dead(self, consumer: Consumer[Any], incoming: _Taken) -> bool:
         """Count a bug on a ``.dead`` delivery; return True once it is held, not requeued."""
-        name = (consumer.name, str(incoming.message_id or incoming.delivery_tag))
+        name = (consumer.name, str(incoming.message_id or incoming.tag))
         failures = self._dead_bugs[name] = self._dead_bugs.get(name, 0) + 1
         if failures < DEAD_QUEUE_BUG_LIMIT:
             return False
@@ -461,23 +474,15 @@ class Worker:
 
     async def _ack(
         self,
-        incoming: AbstractIncomingMessage,
+        incoming: _Taken,
         consumer: Consumer[Any],
         result: Result,
         seconds: float,
     ) -> None:
         self._unsettled -= 1
-        try:
-            await incoming.ack()
-        except Exception as exc:  # the channel died after commit: redelivery finds the inbox row
-            log.warning(
-                "message.ack_failed",
-                message_id=result.message_id,
-                consumer=consumer.name,
-                error=outage.describe(exc),
-            )
-            self._on_close(None, exc)
-            return
+        # Sent with the subscriber's next flush; if the channel dies first, the
+        # redelivery finds the inbox row (a duplicate, acked without running again).
+        incoming.subscriber.ack(incoming.tag)
         self.stats.count(result.outcome.value)
         if self._metrics is not None:
             self._metrics.handled(
@@ -502,7 +507,7 @@ class Worker:
 
     async def _requeue(
         self,
-        incoming: AbstractIncomingMessage,
+        incoming: _Taken,
         consumer: Consumer[Any],
         why: str,
         *,
@@ -527,16 +532,15 @@ class Worker:
             reason=why,
         )
         if now:
-            with contextlib.suppress(Exception):  # a closed channel requeues by itself
-                await incoming.reject(requeue=True)
+            incoming.subscriber.reject(incoming.tag, requeue=True)
 
     async def _close(self, stopping: bool) -> None:
         """Stop consuming, drain in-flight handlers (bounded), then close the connection."""
         self._stopping = stopping
         self._consuming = False
-        for queue, tag in self._queues:
+        for subscriber, tag in self._queues:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(queue.cancel(tag), timeout=2)
+                await asyncio.wait_for(subscriber.cancel(tag), timeout=2)
         self._queues.clear()
         if self._inflight:
             deadline = self._settings.shutdown_timeout if stopping else 2.0
@@ -552,6 +556,10 @@ class Worker:
         self._takers.clear()
         self._unsettled = 0
         self._dead_bugs.clear()
+        for subscriber in self._subscribers:  # send the last acks, return the rest
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(subscriber.close(), timeout=5)
+        self._subscribers.clear()
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
@@ -577,19 +585,6 @@ def _queue_spec(consumer: Consumer[Any], delivery_limit: int) -> rabbit.QueueSpe
         topics=consumer.topics,
         delivery_limit=delivery_limit,
         single_active_consumer=consumer.ordered,
-    )
-
-
-def _delivery(incoming: AbstractIncomingMessage) -> Delivery:
-    return Delivery(
-        body=incoming.body,
-        message_id=incoming.message_id,
-        type=incoming.type,
-        timestamp=incoming.timestamp,
-        content_type=incoming.content_type,
-        correlation_id=incoming.correlation_id,
-        headers=dict(incoming.headers or {}),
-        redelivered=bool(incoming.redelivered),
     )
 
 
