@@ -9,7 +9,7 @@ topic are names a service declares; a message id never becomes a label.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -154,6 +154,23 @@ class Metrics:
         _check(outcome, OUTCOMES, "outcome")
         self.consumer_messages.labels(consumer, topic, outcome).inc()
         self.handler_seconds.labels(consumer).observe(seconds)
+
+    def handled_recorder(
+        self, *, consumer: str, topic: str, outcome: str
+    ) -> Callable[[float], None]:
+        """Return a function recording one finished delivery with these labels.
+
+        The labels are checked and looked up once, here: a worker keeps the function and
+        calls it per message (the success path does no label lookup)."""
+        _check(outcome, OUTCOMES, "outcome")
+        count = self.consumer_messages.labels(consumer, topic, outcome).inc
+        observe = self.handler_seconds.labels(consumer).observe
+
+        def record(seconds: float) -> None:
+            count()
+            observe(seconds)
+
+        return record
 
     @contextlib.contextmanager
     def inflight(self, consumer: str) -> Iterator[None]:
