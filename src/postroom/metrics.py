@@ -95,6 +95,24 @@ class Metrics:
             ["consumer", "topic", "outcome"],
             registry=r,
         )
+        self.consumer_requeued = Counter(
+            "postroom_consumer_requeued",
+            "Deliveries given back to the broker unprocessed (stopping, an outage, a bug).",
+            ["consumer"],
+            registry=r,
+        )
+        self.reconnects = Counter(
+            "postroom_reconnects",
+            "Outages (database or broker) a relay or worker rode out by reconnecting.",
+            ["component"],
+            registry=r,
+        )
+        self.bugs = Counter(
+            "postroom_bugs",
+            "Unexpected errors inside postroom, each logged at ERROR with its traceback.",
+            ["component"],
+            registry=r,
+        )
         self.handler_seconds = Histogram(
             "postroom_handler_duration_seconds",
             "Time to handle one delivery: inbox check, handler, commit.",
@@ -187,6 +205,91 @@ class Metrics:
         _check(component, COMPONENTS, "component")
         _check(peer, PEERS, "peer")
         self.connection_up.labels(component, peer).set(1 if up else 0)
+
+    def totals(self, counter: Counter, *, by: str | None = None, **match: str) -> dict[str, float]:
+        """Sum *counter*'s samples whose labels equal *match*, grouped by label *by*.
+
+        With ``by=None`` the single key is ``""``. The metrics are the one source of
+        counts: relays and workers report their totals by reading them here.
+        """
+        totals: dict[str, float] = {}
+        for family in counter.collect():
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                if any(sample.labels.get(k) != v for k, v in match.items()):
+                    continue
+                key = sample.labels.get(by, "") if by else ""
+                totals[key] = totals.get(key, 0.0) + sample.value
+        return totals
+
+
+class WorkerStats:
+    """A live view of one worker's counts, read from its :class:`Metrics` (the one source).
+
+    Counts are of the registry: workers sharing one :class:`Metrics` see each other's.
+    """
+
+    def __init__(self, metrics: Metrics, consumers: list[str]) -> None:
+        self._metrics = metrics
+        self._consumers = consumers
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        """Finished deliveries by outcome (acked, duplicate, retry, dead); absent if 0."""
+        found: dict[str, int] = {}
+        for name in self._consumers:
+            totals = self._metrics.totals(
+                self._metrics.consumer_messages, by="outcome", consumer=name
+            )
+            for outcome, value in totals.items():
+                found[outcome] = found.get(outcome, 0) + int(value)
+        return {k: v for k, v in found.items() if v}
+
+    @property
+    def requeued(self) -> int:
+        """Deliveries given back to the broker unprocessed."""
+        metrics = self._metrics
+        return sum(
+            int(metrics.totals(metrics.consumer_requeued, consumer=name).get("", 0))
+            for name in self._consumers
+        )
+
+    @property
+    def reconnects(self) -> int:
+        return _count(self._metrics, self._metrics.reconnects, component="worker")
+
+    @property
+    def bugs(self) -> int:
+        return _count(self._metrics, self._metrics.bugs, component="worker")
+
+
+class RelayStats:
+    """A live view of a relay's counts, read from its :class:`Metrics` (the one source)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    @property
+    def published(self) -> int:
+        return _count(self._metrics, self._metrics.relay_published)
+
+    @property
+    def failed(self) -> int:
+        """Messages the broker refused or returned (each rescheduled in the outbox)."""
+        return _count(self._metrics, self._metrics.relay_failed)
+
+    @property
+    def reconnects(self) -> int:
+        return _count(self._metrics, self._metrics.reconnects, component="relay")
+
+    @property
+    def bugs(self) -> int:
+        return _count(self._metrics, self._metrics.bugs, component="relay")
+
+
+def _count(metrics: Metrics, counter: Counter, **match: str) -> int:
+    return int(metrics.totals(counter, **match).get("", 0))
 
 
 def _check(value: str, allowed: frozenset[str], what: str) -> None:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import zlib
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -25,7 +24,7 @@ import asyncpg
 import structlog
 
 from postroom import faults, outage, rabbit
-from postroom.metrics import Metrics
+from postroom.metrics import Metrics, RelayStats
 from postroom.outbox import notify_channel
 from postroom.settings import Settings, redact_url
 from postroom.tables import qualified
@@ -36,19 +35,6 @@ log = structlog.get_logger("postroom.relay")
 MAX_ERROR_CHARS = 2000
 RESCHEDULE_BASE = timedelta(seconds=1)
 RESCHEDULE_CAP = timedelta(minutes=5)
-
-
-@dataclass
-class RelayStats:
-    """Counters a health endpoint or a test can read; never reset while running."""
-
-    published: int = 0
-    failed: int = 0
-    batches: int = 0
-    reconnects: int = 0
-    last_batch_seconds: float = 0.0
-    failed_by_topic: dict[str, int] = field(default_factory=dict)
-    published_by_topic: dict[str, int] = field(default_factory=dict)
 
 
 def lock_namespace(schema: str) -> int:
@@ -70,13 +56,9 @@ class Relay:
         self._amqp: Any = None
         self._publisher: rabbit.ConfirmingPublisher | None = None
         self._fallback_logged = False
-        self.stats = RelayStats()
-        self._metrics = metrics
-        self._unroutable = UnroutablePolicy(
-            drop=topic_patterns(settings.unroutable_drop),
-            interval=settings.log_interval,
-            counts=metrics,
-        )
+        self._metrics = metrics if metrics is not None else Metrics()
+        self.stats = RelayStats(self._metrics)
+        """Live counts, read from the metrics."""
         self._peer_state(database=False, broker=False)
         self._claim_sql = _claim_sql(self._outbox)
         self._urls = {
@@ -157,8 +139,7 @@ class Relay:
             self._amqp = await rabbit.connect(settings.amqp_url.get_secret_value(), name=self._name)
         await rabbit.declare_exchange(self._amqp, settings.exchange)
         self._publisher = await rabbit.ConfirmingPublisher.open(self._amqp)
-        if self._metrics is not None:
-            self._metrics.relay_batched_publish.set(1 if self._publisher.batched else 0)
+        self._metrics.relay_batched_publish.set(1 if self._publisher.batched else 0)
         if not self._publisher.batched and not self._fallback_logged:
             self._fallback_logged = True
             log.warning(
@@ -188,11 +169,9 @@ class Relay:
                 log.debug("relay.close_failed", error=_short(exc))
 
     def _count_outage(self) -> None:
-        self.stats.reconnects += 1
+        self._metrics.reconnects.labels("relay").inc()
 
     def _peer_state(self, *, database: bool | None = None, broker: bool | None = None) -> None:
-        if self._metrics is None:
-            return
         for peer, up in (("database", database), ("broker", broker)):
             if up is not None:
                 self._metrics.connected(component="relay", peer=peer, up=up)
@@ -219,6 +198,7 @@ class Relay:
                     raise
                 bugs += 1
                 pause = min(5.0, 0.1 * 2 ** min(bugs, 6))
+                self._metrics.bugs.labels("relay").inc()
                 log.error("relay.bug", retry_in_seconds=pause, exc_info=exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), pause)
@@ -373,26 +353,15 @@ class Relay:
         failed: list[tuple[asyncpg.Record, BaseException]],
         seconds: float,
     ) -> None:
-        stats = self.stats
-        stats.batches += 1
-        stats.last_batch_seconds = seconds
         failed_ids = {row["id"] for row, _ in failed}
         published_now: dict[str, int] = {}
         failed_now: dict[str, int] = {}
         for row in rows:
-            topic = row["topic"]
-            if row["id"] in failed_ids:
-                stats.failed += 1
-                stats.failed_by_topic[topic] = stats.failed_by_topic.get(topic, 0) + 1
-                failed_now[topic] = failed_now.get(topic, 0) + 1
-            else:
-                stats.published += 1
-                stats.published_by_topic[topic] = stats.published_by_topic.get(topic, 0) + 1
-                published_now[topic] = published_now.get(topic, 0) + 1
-        if self._metrics is not None:
-            self._metrics.relay_batch(
-                seconds=seconds, published_by_topic=published_now, failed_by_topic=failed_now
-            )
+            counts = failed_now if row["id"] in failed_ids else published_now
+            counts[row["topic"]] = counts.get(row["topic"], 0) + 1
+        self._metrics.relay_batch(
+            seconds=seconds, published_by_topic=published_now, failed_by_topic=failed_now
+        )
         log.debug("relay.batch", rows=len(rows), failed=len(failed), seconds=round(seconds, 4))
 
 

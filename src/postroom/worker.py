@@ -14,8 +14,8 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from sqlalchemy import text
@@ -30,6 +30,7 @@ from postroom.dispatch import (
 )
 from postroom.failures import Outcome, Result
 from postroom.message import Delivery
+from postroom.metrics import Metrics, WorkerStats
 from postroom.outbox import Outbox
 from postroom.router import Consumer, Router
 from postroom.settings import Settings, redact_url
@@ -39,33 +40,6 @@ log = structlog.get_logger("postroom.worker")
 
 DEAD_QUEUE_BUG_LIMIT = 5
 """Bugs met recording one message from a ``.dead`` queue before the worker holds it."""
-
-
-class Metrics(Protocol):
-    """What the worker reports; :class:`postroom.metrics.Metrics` implements it."""
-
-    def handled(self, *, consumer: str, topic: str, outcome: str, seconds: float) -> None: ...
-
-    def inflight(self, consumer: str) -> contextlib.AbstractContextManager[None]: ...
-
-    def handled_recorder(
-        self, *, consumer: str, topic: str, outcome: str
-    ) -> Callable[[float], None]: ...
-
-    def connected(self, *, component: str, peer: str, up: bool) -> None: ...
-
-
-@dataclass
-class WorkerStats:
-    """Counters for tests and health checks; never reset while running."""
-
-    outcomes: dict[str, int] = field(default_factory=dict)
-    requeued: int = 0
-    reconnects: int = 0
-    bugs: int = 0
-
-    def count(self, outcome: str) -> None:
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
 
 @dataclass(slots=True)
@@ -121,7 +95,7 @@ class Worker:
             raise ValueError("the router has no consumers")
         self._settings = settings
         self._router = router
-        self._metrics = metrics
+        self._metrics = metrics if metrics is not None else Metrics()
         self._name = name
         self._semaphore = asyncio.Semaphore(settings.worker_concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
@@ -144,7 +118,8 @@ class Worker:
             outage.DATABASE: redact_url(settings.asyncpg_dsn),
             outage.BROKER: redact_url(settings.amqp_url.get_secret_value()),
         }
-        self.stats = WorkerStats()
+        self.stats = WorkerStats(self._metrics, [c.name for c in router])
+        """Live counts, read from the metrics."""
 
     @property
     def ready(self) -> bool:
@@ -346,9 +321,9 @@ class Worker:
                 await self._requeue(incoming, consumer, "not started: stopping or reconnecting")
             return
         started = time.perf_counter()
-        inflight = self._metrics.inflight(consumer.name) if self._metrics else None
+        inflight = self._metrics.inflight(consumer.name)
         try:
-            with inflight or contextlib.nullcontext():
+            with inflight:
                 results = await dispatch_batch([m.delivery for m in batch], consumer, pipeline)
         except asyncio.CancelledError:
             for incoming in batch:
@@ -396,9 +371,9 @@ class Worker:
                 return
             delivery = incoming.delivery
             started = time.perf_counter()
-            inflight = self._metrics.inflight(consumer.name) if self._metrics else None
+            inflight = self._metrics.inflight(consumer.name)
             try:
-                with inflight or contextlib.nullcontext():
+                with inflight:
                     if dead:
                         result = await record_broker_dead_letter(delivery, consumer, pipeline)
                     else:
@@ -444,7 +419,7 @@ class Worker:
             for incoming in messages:
                 await self._requeue(incoming, consumer, outage.describe(exc))
             return
-        self.stats.bugs += 1
+        self._metrics.bugs.labels("worker").inc()
         self._bug_streak += 1
         pause = min(5.0, 0.1 * 2 ** min(self._bug_streak, 6)) * (0.5 + random.random() / 2)
         log.error(
@@ -491,15 +466,13 @@ class Worker:
         # redelivery finds the inbox row (a duplicate, acked without running again).
         incoming.subscriber.ack(incoming.tag)
         outcome = result.outcome
-        self.stats.count(outcome.value)
-        if self._metrics is not None:
-            labels = (consumer.name, result.topic or "unknown", outcome.value)
-            record = self._recorders.get(labels)
-            if record is None:
-                record = self._recorders[labels] = self._metrics.handled_recorder(
-                    consumer=labels[0], topic=labels[1], outcome=labels[2]
-                )
-            record(seconds)
+        labels = (consumer.name, result.topic or "unknown", outcome.value)
+        record = self._recorders.get(labels)
+        if record is None:
+            record = self._recorders[labels] = self._metrics.handled_recorder(
+                consumer=labels[0], topic=labels[1], outcome=labels[2]
+            )
+        record(seconds)
         # Successes only at DEBUG, and no log call at all otherwise: a JSON line per
         # message cost ~10% of a worker's CPU, and the metrics count them; failures were
         # logged when their outcome was written.
@@ -536,7 +509,7 @@ class Worker:
         open: a bug's requeue).
         """
         self._unsettled -= 1
-        self.stats.requeued += 1
+        self._metrics.consumer_requeued.labels(consumer.name).inc()
         log.info(
             "message.requeued",
             message_id=incoming.message_id,
@@ -579,11 +552,10 @@ class Worker:
         self._set_connected(outage.BROKER, False)
 
     def _count_outage(self) -> None:
-        self.stats.reconnects += 1
+        self._metrics.reconnects.labels("worker").inc()
 
     def _set_connected(self, peer: str, up: bool) -> None:
-        if self._metrics is not None:
-            self._metrics.connected(component="worker", peer=peer, up=up)
+        self._metrics.connected(component="worker", peer=peer, up=up)
 
 
 async def _mirror(stop: asyncio.Event, halt: asyncio.Event) -> None:
