@@ -130,3 +130,29 @@ async def test_a_dead_queue_message_the_worker_cannot_record_stops_circulating(
         for queue in (name, f"{name}.dead"):
             await channel.queue_delete(queue)
         await connection.close()
+
+
+async def test_coalesced_acks_never_cover_a_delivery_still_in_hand(settings, amqp, names):
+    """The subscriber acks the settled run with one multiple=True ack: a delivery still in
+    hand (here the third) must stay unacked, and a reject must not be swallowed by it."""
+    queue = await bind_queue(amqp, settings.exchange, [Parcel.topic], f"acks.{names}")
+    channel = await amqp.channel()
+    exchange = await channel.get_exchange(settings.exchange, ensure=False)
+    for n in range(6):
+        await exchange.publish(aio_pika.Message(str(n).encode()), routing_key=Parcel.topic)
+    connection = await rabbit.connect(settings.amqp_url.get_secret_value(), name="postroom-test")
+    try:
+        subscriber = await rabbit.Subscriber.open(connection, prefetch=10, on_close=lambda _: None)
+        got: dict[bytes, int] = {}
+        await subscriber.consume(queue, lambda delivery, tag: got.update({delivery.body: tag}))
+        await eventually(lambda: len(got) == 6, timeout=10)
+        for body in (b"0", b"1", b"3", b"5"):
+            subscriber.ack(got[body])
+        subscriber.reject(got[b"4"], requeue=False)  # dropped (no dead-letter exchange here)
+        await subscriber.flush()
+        # b"2" is still in hand: closing the channel must return it, and only it.
+        await subscriber.close()
+    finally:
+        await connection.close()
+    left = await collect(settings.amqp_url.get_secret_value(), queue, count=1, settle=0.5)
+    assert [m.body for m in left] == [b"2"]
