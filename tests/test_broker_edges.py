@@ -18,6 +18,7 @@ from postroom import worker as worker_module
 from postroom.message import Message, uuid7
 from postroom.metrics import Metrics
 from postroom.relay import Relay
+from postroom.subscriber import Subscriber
 from postroom.worker import DEAD_QUEUE_BUG_LIMIT, Worker
 from tests.helpers import bind_queue, collect, eventually
 
@@ -142,7 +143,7 @@ async def test_coalesced_acks_never_cover_a_delivery_still_in_hand(settings, amq
         await exchange.publish(aio_pika.Message(str(n).encode()), routing_key=Parcel.topic)
     connection = await rabbit.connect(settings.amqp_url.get_secret_value(), name="postroom-test")
     try:
-        subscriber = await rabbit.Subscriber.open(connection, prefetch=10, on_close=lambda _: None)
+        subscriber = await Subscriber.open(connection, prefetch=10, on_close=lambda _: None)
         got: dict[bytes, int] = {}
         await subscriber.consume(queue, lambda delivery, tag: got.update({delivery.body: tag}))
         await eventually(lambda: len(got) == 6, timeout=10)

@@ -34,6 +34,7 @@ from postroom.metrics import Metrics, WorkerStats
 from postroom.outbox import Outbox
 from postroom.router import Consumer, Router
 from postroom.settings import Settings, redact_url
+from postroom.subscriber import Deliver, Subscriber
 
 log = structlog.get_logger("postroom.worker")
 
@@ -48,7 +49,7 @@ class _Taken:
 
     delivery: Delivery
     tag: int
-    subscriber: rabbit.Subscriber
+    subscriber: Subscriber
 
     @property
     def message_id(self) -> str | None:
@@ -105,8 +106,8 @@ class Worker:
         self._stopping = False
         self._consuming = False
         self._connection: Any = None
-        self._queues: list[tuple[rabbit.Subscriber, str]] = []
-        self._subscribers: list[rabbit.Subscriber] = []
+        self._queues: list[tuple[Subscriber, str]] = []
+        self._subscribers: list[Subscriber] = []
         self._batches: dict[str, list[_Taken]] = {}
         self._takers: set[str] = set()
         self._unsettled = 0
@@ -195,7 +196,7 @@ class Worker:
         )
         watched = []
         for consumer in self._router:
-            subscriber = await rabbit.Subscriber.open(
+            subscriber = await Subscriber.open(
                 connection, prefetch=settings.worker_prefetch, on_close=self._channel_closed
             )
             self._subscribers.append(subscriber)
@@ -259,10 +260,10 @@ class Worker:
         self,
         consumer: Consumer[Any],
         pipeline: Pipeline,
-        subscriber: rabbit.Subscriber,
+        subscriber: Subscriber,
         *,
         dead: bool,
-    ) -> rabbit.Deliver:
+    ) -> Deliver:
         batched = self._settings.worker_batch_size > 1 and not consumer.ordered and not dead
 
         def on_delivery(delivery: Delivery, tag: int) -> None:
