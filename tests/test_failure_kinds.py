@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy import text
 
 import postroom
-from postroom import Router, outage
+from postroom import Router, inbox, outage
 from postroom import dispatch as dispatch_module
 from postroom.errors import ConfigError
 from postroom.message import Delivery, Message
@@ -131,8 +131,9 @@ async def test_relay_on_an_unmigrated_database_stops_with_one_config_error(setti
     assert "postroom migrate" in str(caught.value)
 
 
+@pytest.mark.parametrize("batch_size", [1, 10])
 async def test_a_bug_in_dispatch_is_logged_requeued_and_marks_nothing_down(
-    settings, names, monkeypatch
+    settings, names, monkeypatch, batch_size
 ):
     router = Router()
     pongs: list[int] = []
@@ -147,6 +148,7 @@ async def test_a_bug_in_dispatch_is_logged_requeued_and_marks_nothing_down(
         pongs.append(event.n)
 
     real_claim = dispatch_module._claim
+    real_claim_many = inbox.claim_many
     injected = 0
 
     async def buggy_claim(session: Any, message: Any, consumer: Any, pipeline: Any) -> bool:
@@ -157,9 +159,18 @@ async def test_a_bug_in_dispatch_is_logged_requeued_and_marks_nothing_down(
             raise OSError(f"injected bug {injected}")
         return await real_claim(session, message, consumer, pipeline)
 
+    async def buggy_claim_many(connection: Any, **kwargs: Any) -> Any:
+        nonlocal injected
+        if kwargs["consumer"].endswith(".buggy") and injected < 3:
+            injected += 1
+            raise OSError(f"injected bug {injected}")
+        return await real_claim_many(connection, **kwargs)
+
     monkeypatch.setattr(dispatch_module, "_claim", buggy_claim)
+    monkeypatch.setattr(inbox, "claim_many", buggy_claim_many)
     metrics = Metrics()
-    worker = Worker(settings, router, metrics=metrics)
+    batching = settings.model_copy(update={"worker_batch_size": batch_size})
+    worker = Worker(batching, router, metrics=metrics)
     stop = asyncio.Event()
 
     def database_up() -> float | None:

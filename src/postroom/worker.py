@@ -331,7 +331,8 @@ class Worker:
                 await asyncio.shield(self._requeue(incoming, consumer, "cancelled at shutdown"))
             raise
         except Exception as exc:
-            await self._failed(exc, consumer, batch)
+            # Its own task: a bug's backoff must not hold the handler slot we are in.
+            self._spawn(self._failed(exc, consumer, batch))
             return
         faults.crash_point(pipeline.crash_at, faults.WORKER_AFTER_COMMIT)
         self._bug_streak = 0
