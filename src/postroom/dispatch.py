@@ -59,7 +59,9 @@ class Pipeline:
     def __post_init__(self) -> None:
         bind = self.sessions.kw.get("bind")
         if not isinstance(bind, AsyncEngine):
-            raise TypeError("Pipeline needs an async_sessionmaker bound to an AsyncEngine")
+            raise TypeError(
+                "Pipeline needs sessions bound to an AsyncEngine: async_sessionmaker(engine)"
+            )
         object.__setattr__(self, "engine", bind)
 
     @property

@@ -164,9 +164,10 @@ async def deliver(
     *delivered* is an event (wrapped in a new :func:`message`), a message (deliver the
     same one again to see :attr:`Outcome.DUPLICATE`), or a raw
     :class:`~postroom.message.Delivery` for malformed input. *attempt* overrides the
-    message's attempt number. Everything dispatch writes is committed through *sessions*:
-    the inbox row with the handler's writes and the events it publishes, or a retry row,
-    or a dead letter. Pass a consumer as ``router["name"]``.
+    message's attempt number. Everything dispatch writes is committed on *sessions*'
+    engine (``async_sessionmaker(engine)``): the inbox row with the handler's writes and
+    the events it publishes, or a retry row, or a dead letter; the handler's
+    ``ctx.session`` is made from *sessions*. Pass a consumer as ``router["name"]``.
     """
     if isinstance(delivered, Event):
         delivered = message(delivered, attempt=attempt or 1)
