@@ -14,6 +14,7 @@ from typing import Any
 import aio_pika
 import pytest
 import structlog
+from pydantic import SecretStr
 from sqlalchemy import text
 
 import postroom
@@ -248,3 +249,38 @@ async def test_relay_bug_is_logged_and_retried_without_reconnecting(
     async with sessions() as session:
         left = await session.scalar(text(f'SELECT count(*) FROM "{settings.schema_name}".outbox'))
     assert left == 1  # no queue bound: refused, rescheduled for later, not due
+
+
+@pytest.mark.parametrize("dependency", ["database", "broker"])
+async def test_each_wait_for_a_dependency_says_which_where_and_why(settings, names, dependency):
+    from tests.helpers import free_port
+
+    port = free_port()  # nothing listens there: connection refused
+    if dependency == "database":
+        url = settings.database_url.get_secret_value().replace(
+            "postgres@127.0.0.1:5432", f"postgres:s3cret-pw@127.0.0.1:{port}", 1
+        )
+        away = settings.model_copy(update={"database_url": SecretStr(url)})
+    else:
+        url = f"amqp://guest:s3cret-pw@127.0.0.1:{port}/"
+        away = settings.model_copy(update={"amqp_url": SecretStr(url)})
+    router = Router()
+
+    @router.consumer(f"kinds.{names}.wait", Ping)
+    async def handle(event: Ping, ctx: Context) -> None:
+        pass
+
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(Worker(away, router).run(stop))
+        waits = lambda: [e for e in logs if e["event"] == f"worker.waiting_for_{dependency}"]  # noqa: E731
+        await eventually(lambda: len(waits()) >= 2, timeout=20)
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    first, second = waits()[:2]
+    assert (first["attempt"], second["attempt"]) == (1, 2)
+    for wait in (first, second):
+        assert wait["dependency"] == dependency
+        assert f"127.0.0.1:{port}" in wait["url"] and "s3cret-pw" not in wait["url"]
+        assert "refused" in wait["error"].lower() or "connect" in wait["error"].lower()
+    assert "s3cret-pw" not in repr(logs)
