@@ -56,7 +56,7 @@ async def test_a_database_that_does_not_exist(settings, names, command):
     code, line = await answer(settings, *command, POSTROOM_DATABASE_URL=local_url(missing))
     assert (code, line) == (
         2,
-        f"postroom: database {local_url(missing)}: database \"{missing}\" does not exist; "
+        f'postroom: database {local_url(missing)}: database "{missing}" does not exist; '
         "create it or fix POSTROOM_DATABASE_URL",
     )
 
@@ -140,8 +140,10 @@ async def test_debug_adds_the_traceback_and_keeps_the_line(settings, names):
     )
     assert done.returncode == 2
     assert "Traceback (most recent call last)" in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith(
-        f"postroom: database {local_url(missing)}: database \"{missing}\" does not exist"
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f'postroom: database {local_url(missing)}: database "{missing}" does not exist')
     )
 
 
@@ -202,7 +204,12 @@ async def test_relay_and_worker_side_by_side_with_default_settings(settings, amq
             process.terminate()
         codes = [await wait_exit(process) for process in (relay, worker)]
         channel = await amqp.channel()
-        for name in ("billing.charge", "billing.charge.dead", "billing.audit", "billing.audit.dead"):
+        for name in (
+            "billing.charge",
+            "billing.charge.dead",
+            "billing.audit",
+            "billing.audit.dead",
+        ):
             await channel.queue_delete(name)
         await channel.close()
     assert codes == [0, 0], logs_of(relay) + logs_of(worker)

@@ -64,7 +64,10 @@ def _system_ca_pem() -> str:
         ("sslmode=bogus", "unknown sslmode 'bogus'; use one of disable, allow, prefer"),
         ("sslmode=verify-ca", "sslmode=verify-ca needs sslrootcert="),
         ("sslmode=verify-ca&sslrootcert=system", "sslmode=verify-ca needs sslrootcert="),
-        ("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", "sslrootcert=/nonexistent/ca.pem: cannot read it"),
+        (
+            "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            "sslrootcert=/nonexistent/ca.pem: cannot read it",
+        ),
         ("sslmode=require&sslcert=/etc/hostname", "sslcert is set without sslkey"),
         ("sslmode=require&sslkey=/etc/hostname", "sslkey is set without sslcert"),
         ("ssl=require&sslmode=require", "both ssl= and sslmode= are given"),
@@ -109,7 +112,9 @@ def test_the_broker_verifies_amqps_and_refuses_mixed_tls_settings(tmp_path):
         Broker.parse("amqp://mq/", ca=str(tmp_path / "ca.pem"))
     with pytest.raises(ConfigError, match="TLS query keys \\(cafile\\) are not used"):
         Broker.parse("amqps://mq/?cafile=/x")
-    with pytest.raises(ConfigError, match="POSTROOM_AMQP_TLS_CERT is set without POSTROOM_AMQP_TLS_KEY"):
+    with pytest.raises(
+        ConfigError, match="POSTROOM_AMQP_TLS_CERT is set without POSTROOM_AMQP_TLS_KEY"
+    ):
         Broker.parse("amqps://mq/", cert="/etc/hostname")
 
 
@@ -117,7 +122,10 @@ def test_a_malformed_url_never_quotes_its_password():
     # An unencoded "/" in the password makes the rest of it parse as the port.
     for environ in (
         {"POSTROOM_DATABASE_URL": "postgresql://u:Pa55/word@db/app"},
-        {"POSTROOM_DATABASE_URL": "postgresql://u@db/app", "POSTROOM_AMQP_URL": "amqp://u:Pa55/word@mq/"},
+        {
+            "POSTROOM_DATABASE_URL": "postgresql://u@db/app",
+            "POSTROOM_AMQP_URL": "amqp://u:Pa55/word@mq/",
+        },
     ):
         with pytest.raises(ConfigError) as raised:
             Settings.from_env(environ)

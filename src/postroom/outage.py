@@ -11,7 +11,7 @@ marking anything down.
 Why the predicate is narrow: an ``OSError`` or ``TimeoutError`` says nothing about who
 raised it (a handler calling a payment provider, a file a programming error failed to
 open). Errors from *opening* a connection are made unambiguous where they happen
-(:func:`reaching` and :func:`guard_engine` wrap them in :class:`Unreachable`); a
+(:func:`reaching` and :func:`reachable_engine` wrap them in :class:`Unreachable`); a
 connection lost while in use is recognised by the driver's own exception types.
 """
 
@@ -26,11 +26,11 @@ from typing import Any
 
 import asyncpg
 import structlog
-from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
+from postroom.database import Database
 from postroom.errors import ConfigError, PostroomError
 
 DATABASE = "database"
@@ -157,19 +157,20 @@ async def reaching(peer: str, url: str) -> AsyncIterator[None]:
         raise
 
 
-def guard_engine(engine: AsyncEngine, url: str) -> None:
-    """Make *engine*'s pool raise :class:`Unreachable` when it cannot open a connection.
+def reachable_engine(database: Database, *, url: str, **options: Any) -> AsyncEngine:
+    """Return *database*'s engine whose pool raises :class:`Unreachable` when it cannot connect.
 
     A pool reconnects lazily, at the checkout after a connection was lost, so without
-    this a dispatch during a database restart would raise a bare ``OSError``.
+    this a dispatch during a database restart would raise a bare ``OSError``. *options*
+    go to ``create_async_engine`` (pool size, ``application_name`` for the connections).
     """
+    application_name = options.pop("application_name", None)
 
-    @event.listens_for(engine.sync_engine, "do_connect")
-    def connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
-        try:
-            return dialect.connect(*cargs, **cparams)
-        except _OPENING as exc:
-            raise Unreachable(DATABASE, url, exc) from exc
+    async def creator() -> Any:
+        async with reaching(DATABASE, url):
+            return await database.connect(application_name=application_name)
+
+    return create_async_engine("postgresql+asyncpg://", async_creator=creator, **options)
 
 
 class Supervisor:

@@ -36,9 +36,7 @@ between two relay batches). aiormq derives it from RuntimeError, not from AMQPEr
 is an outage to retry like any other lost connection."""
 
 
-async def connect(
-    broker: Broker | str, *, name: str, timeout: float = 10.0
-) -> AbstractConnection:
+async def connect(broker: Broker | str, *, name: str, timeout: float = 10.0) -> AbstractConnection:
     """Open a plain (non-robust) connection; callers own reconnection explicitly.
 
     *broker* is ``settings.broker`` (its TLS context verifies ``amqps://`` peers); a bare

@@ -26,7 +26,7 @@ import structlog
 from postroom import faults, outage, rabbit
 from postroom.metrics import Metrics, RelayStats
 from postroom.outbox import notify_channel
-from postroom.settings import Settings, redact_url
+from postroom.settings import Settings
 from postroom.tables import qualified
 from postroom.unroutable import UnroutablePolicy, topic_patterns
 
@@ -62,8 +62,8 @@ class Relay:
         self._peer_state(database=False, broker=False)
         self._claim_sql = _claim_sql(self._outbox)
         self._urls = {
-            outage.DATABASE: redact_url(settings.asyncpg_dsn),
-            outage.BROKER: redact_url(settings.amqp_url.get_secret_value()),
+            outage.DATABASE: settings.database.redacted,
+            outage.BROKER: settings.broker.redacted,
         }
         self._head_partitions_sql = _head_partitions_sql(self._outbox)
 
@@ -121,9 +121,7 @@ class Relay:
         settings, urls = self._settings, self._urls
         log.info("relay.connecting", database=urls[outage.DATABASE], amqp=urls[outage.BROKER])
         async with outage.reaching(outage.DATABASE, urls[outage.DATABASE]):
-            self._db = await asyncpg.connect(
-                settings.asyncpg_dsn, timeout=10, server_settings={"application_name": self._name}
-            )
+            self._db = await settings.database.connect(application_name=self._name, timeout=10)
         await self._db.set_type_codec(
             "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
         )
@@ -136,7 +134,7 @@ class Relay:
         )
         self._peer_state(database=True)
         async with outage.reaching(outage.BROKER, urls[outage.BROKER]):
-            self._amqp = await rabbit.connect(settings.amqp_url.get_secret_value(), name=self._name)
+            self._amqp = await rabbit.connect(settings.broker, name=self._name)
         await rabbit.declare_exchange(self._amqp, settings.exchange)
         self._publisher = await rabbit.ConfirmingPublisher.open(self._amqp)
         self._metrics.relay_batched_publish.set(1 if self._publisher.batched else 0)

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from postroom import faults, outage, rabbit
 from postroom.dispatch import (
@@ -33,7 +33,7 @@ from postroom.message import Delivery
 from postroom.metrics import Metrics, WorkerStats
 from postroom.outbox import Outbox
 from postroom.router import Consumer, Router
-from postroom.settings import Settings, redact_url
+from postroom.settings import Settings
 from postroom.subscriber import Deliver, Subscriber
 
 log = structlog.get_logger("postroom.worker")
@@ -116,8 +116,8 @@ class Worker:
         self._recorders: dict[tuple[str, str, str], Callable[[float], None]] = {}
         self._debug = logging.getLogger("postroom.worker").isEnabledFor(logging.DEBUG)
         self._urls = {
-            outage.DATABASE: redact_url(settings.asyncpg_dsn),
-            outage.BROKER: redact_url(settings.amqp_url.get_secret_value()),
+            outage.DATABASE: settings.database.redacted,
+            outage.BROKER: settings.broker.redacted,
         }
         self.stats = WorkerStats(self._metrics, [c.name for c in router])
         """Live counts, read from the metrics."""
@@ -139,7 +139,9 @@ class Worker:
         flight (for tests and one-shot jobs that wait for a state, not a time).
         """
         settings = self._settings
-        engine = settings.database.engine(
+        engine = outage.reachable_engine(
+            settings.database,
+            url=self._urls[outage.DATABASE],
             application_name=self._name,
             pool_size=settings.worker_concurrency + 2,
             max_overflow=4,
@@ -147,7 +149,6 @@ class Worker:
             # the dispatch, the message is requeued and the worker reconnects.
             pool_pre_ping=False,
         )
-        outage.guard_engine(engine, self._urls[outage.DATABASE])
         pipeline = Pipeline(
             sessions=async_sessionmaker(engine, expire_on_commit=False),
             outbox=Outbox.from_settings(settings),
@@ -177,9 +178,7 @@ class Worker:
         self._set_connected(outage.DATABASE, True)
         log.info("worker.connecting", amqp=self._urls[outage.BROKER])
         async with outage.reaching(outage.BROKER, self._urls[outage.BROKER]):
-            self._connection = await rabbit.connect(
-                settings.amqp_url.get_secret_value(), name=self._name
-            )
+            self._connection = await rabbit.connect(settings.broker, name=self._name)
 
     async def _consume(self, pipeline: Pipeline, halt: asyncio.Event, *, burst: bool) -> None:
         settings = self._settings
