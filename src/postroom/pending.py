@@ -228,9 +228,7 @@ async def discard(
     batch_size: int = 500,
 ) -> Change:
     """Delete the matching rows on purpose: their events are never sent. Audited per batch."""
-    return await _change(
-        engine, schema, filters, Action.OUTBOX_DISCARD, actor, dry_run, batch_size
-    )
+    return await _change(engine, schema, filters, Action.OUTBOX_DISCARD, actor, dry_run, batch_size)
 
 
 async def _change(

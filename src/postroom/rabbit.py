@@ -8,7 +8,8 @@ broker client.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,7 +23,7 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from postroom.broker import Broker
-from postroom.errors import TopologyMismatchError
+from postroom.errors import TopologyMismatchError, TopologyRefusedError
 
 PERSISTENT = 2
 QUORUM = "quorum"
@@ -396,3 +397,73 @@ def _properties(message: Outgoing) -> Any:
         message_type=message.topic,
         headers=dict(message.headers),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """A queue as the broker reports it to a passive declare."""
+
+    name: str
+    exists: bool
+    messages: int = 0
+    consumers: int = 0
+
+
+@contextlib.asynccontextmanager
+async def _raw_channel(connection: AbstractConnection) -> AsyncIterator[Any]:
+    """Yield aiormq's channel under a channel of its own: a failed declare closes it."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        yield await channel.get_underlay_channel()
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def queue_state(connection: AbstractConnection, name: str) -> QueueState:
+    """Look a queue up without creating it (a passive declare)."""
+    try:
+        async with _raw_channel(connection) as raw:
+            ok = await raw.queue_declare(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return QueueState(name, exists=False)
+    return QueueState(name, True, ok.message_count or 0, ok.consumer_count or 0)
+
+
+async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
+    """Return True if exchange *name* exists (a passive declare; nothing is created)."""
+    try:
+        async with _raw_channel(connection) as raw:
+            await raw.exchange_declare(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    return True
+
+
+async def delete_queue(connection: AbstractConnection, name: str, *, force: bool) -> int:
+    """Delete queue *name* (and so its bindings); return the messages deleted with it.
+
+    Quorum queues do not support the broker's ``if-empty`` flag (RabbitMQ answers
+    NOT_IMPLEMENTED and closes the connection), so unless *force* is set the queue is
+    looked at just before the delete and one holding messages or consumers raises
+    TopologyRefusedError. A message published in between those two steps is lost with
+    the queue: stop the producers of a queue before deleting it.
+    """
+    if not force:
+        state = await queue_state(connection, name)
+        if state.messages or state.consumers:
+            raise TopologyRefusedError(
+                "queue", name, f"{state.messages} messages, {state.consumers} consumers"
+            )
+    async with _raw_channel(connection) as raw:
+        ok = await raw.queue_delete(name)
+    return int(ok.message_count or 0)
+
+
+async def delete_exchange(connection: AbstractConnection, name: str, *, if_unused: bool) -> None:
+    """Delete exchange *name*; with *if_unused* the broker refuses one a queue is bound to."""
+    try:
+        async with _raw_channel(connection) as raw:
+            await raw.exchange_delete(name, if_unused=if_unused)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise TopologyRefusedError("exchange", name, str(exc)) from None

@@ -25,7 +25,7 @@ import structlog
 
 from postroom import faults, outage, rabbit
 from postroom.metrics import Metrics, RelayStats
-from postroom.outbox import notify_channel
+from postroom.outbox import RELAY_PRESENCE, notify_channel, relay_presence_key
 from postroom.settings import Settings
 from postroom.tables import qualified
 from postroom.unroutable import UnroutablePolicy, topic_patterns
@@ -59,6 +59,11 @@ class Relay:
         self._metrics = metrics if metrics is not None else Metrics()
         self.stats = RelayStats(self._metrics)
         """Live counts, read from the metrics."""
+        self._unroutable = UnroutablePolicy(
+            drop=topic_patterns(settings.unroutable_drop),
+            interval=settings.log_interval,
+            counts=self._metrics,
+        )
         self._peer_state(database=False, broker=False)
         self._claim_sql = _claim_sql(self._outbox)
         self._urls = {

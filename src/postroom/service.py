@@ -195,9 +195,7 @@ async def run_worker(
     log.info("worker.starting", consumers=list(names), **_identity(settings))
     log.debug("worker.settings", settings=settings.describe())
     async with (
-        serving(
-            settings, ready=ready, metrics=metrics, stop=stop, port=health_port, role="worker"
-        ),
+        serving(settings, ready=ready, metrics=metrics, stop=stop, port=health_port, role="worker"),
         running(
             summary.watch(metrics, stop, interval=settings.log_interval, consumers=names),
             name="postroom-summary",
@@ -253,9 +251,7 @@ async def run_dev(
     ):
         parts = [
             asyncio.create_task(
-                within_grace(
-                    relay.run(inner), inner, grace=settings.shutdown_timeout, name="relay"
-                )
+                within_grace(relay.run(inner), inner, grace=settings.shutdown_timeout, name="relay")
             ),
             asyncio.create_task(worker.run(inner)),
         ]

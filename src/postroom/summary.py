@@ -84,4 +84,3 @@ async def watch(
         text, fields = describe(before, after, consumers=consumers, relay=relay)
         log.info("postroom.summary", summary=text, interval_seconds=interval, counts=fields)
         before = after
-

@@ -109,9 +109,7 @@ def message(
     )
 
 
-async def published(
-    source: Source, event_type: type[_E], *, schema: str | None = None
-) -> list[_E]:
+async def published(source: Source, event_type: type[_E], *, schema: str | None = None) -> list[_E]:
     """Return the *event_type* events in the outbox, oldest first, decoded.
 
     With a session inside a transaction this includes what that transaction wrote and has

@@ -112,9 +112,7 @@ async def delete(
         await connection.close()
 
 
-async def _act(
-    connection: Any, item: Item, *, exchanges: bool, force: bool, dry_run: bool
-) -> Item:
+async def _act(connection: Any, item: Item, *, exchanges: bool, force: bool, dry_run: bool) -> Item:
     if not item.exists:
         return replace(item, action="absent")
     if item.kind == "binding":
