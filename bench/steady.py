@@ -31,7 +31,7 @@ from bench.consumer_app import domain
 from bench.env import BenchEnv
 from bench.procs import services
 from bench.report import Figure, Results, quantile
-from postroom import upkeep
+from postroom import prune as upkeep
 
 RATE = 200
 INBOX_RETENTION = timedelta(seconds=60)

@@ -53,7 +53,7 @@ def _filters(
     every: bool = False,
 ) -> RowFilters:
     from postroom.pending import RowFilters
-    from postroom.triage import parse_time
+    from postroom.filters import parse_time
 
     try:
         before = parse_time(older_than, name="--older-than") if older_than else None
