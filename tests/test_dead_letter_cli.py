@@ -140,7 +140,7 @@ async def test_4_a_replay_over_the_threshold_or_of_everything_needs_yes(settings
     assert under.exit_code == 0, under.output
     assert json.loads(under.stdout)["counts"] == {"replayed": 100}
     low = await cli(settings, "dead-letters", "replay", "-c", APPLY, "--threshold", "0")
-    assert low.exit_code == 2 and "it selects 1 dead letters (more than 0)" in low.stderr
+    assert low.exit_code == 2 and "it selects 1 dead letter (more than 0)" in low.stderr
     done = await cli(settings, "dead-letters", "replay", "--all", "--yes", "--json")
     assert done.exit_code == 0 and json.loads(done.stdout)["counts"] == {"replayed": 1}
 

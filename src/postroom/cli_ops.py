@@ -291,7 +291,7 @@ def audit(
 
 
 def _flat(details: Mapping[str, Any]) -> str:
-    """Audit details on one line: the parameters given and the totals, not the batches."""
+    """Audit details on one line: the totals, then the parameters; never the batches."""
     parts = []
     for key, value in details.items():
         if key in ("batches", "original_body", "edited_body") or value in (None, [], {}):
@@ -299,11 +299,11 @@ def _flat(details: Mapping[str, Any]) -> str:
         if isinstance(value, Mapping):
             inner = _flat(value)
             if inner:
-                parts.append(f"{key}: {inner}" if key == "totals" else inner)
+                parts.append(f"{key}: {inner};" if key in ("totals", "parameters") else inner)
         elif key == "run":
             parts.append(f"run={str(value)[:8]}")
         elif key == "rows" and isinstance(value, list):  # a discard's events: count only
             parts.append(f"rows={len(value)}")
         elif not key.endswith("_before") and key != "finished_at":
             parts.append(f"{key}={json.dumps(value) if isinstance(value, list) else value}")
-    return " ".join(part for part in parts if part)
+    return " ".join(part for part in parts if part).rstrip(";")

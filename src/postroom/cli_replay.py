@@ -99,7 +99,7 @@ def _changed(
             _summary(preview)
         counts = ", ".join(f"{n} {label}" for label, n in preview.counts().items())
         fail(
-            f"{what} needs --yes: it selects {outcome.selected} dead letters "
+            f"{what} needs --yes: it selects {outcome.letters} "
             f"({outcome.why}): {counts}. Check the summary, "
             "then run it again with --yes (or --dry-run to list every row)"
         )

@@ -150,10 +150,12 @@ class ConfirmationNeededError(PostroomError):
 
     def __init__(self, what: str, preview: Report, why: str) -> None:
         selected = len(preview.items)
-        super().__init__(f"{what} needs --yes: it would act on {selected} dead letters ({why})")
+        letters = f"{selected} dead letter{'' if selected == 1 else 's'}"
+        super().__init__(f"{what} needs confirmation: it selects {letters} ({why})")
         self.preview = preview
         self.selected = selected
         self.why = why
+        self.letters = letters
 
 
 Act = Callable[[AsyncSession, list[Row[Any]]], Awaitable[list[tuple[Item, Any]]]]
