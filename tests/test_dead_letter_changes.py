@@ -235,6 +235,9 @@ async def test_redaction_keeps_secrets_out_of_dead_letters_and_output(settings, 
     }
     assert "authorization" not in capture.headers and capture.headers["x-api-token"] == "tok-999"
     assert capture.headers["postroom-redacted"] == "body,headers"
+    # The handler's error quoted the card number: blanked out of the message and traceback.
+    assert capture.error_message == "card *** of charge 1 declined"
+    assert "4111111111111111" not in capture.traceback and "card ***" in capture.traceback
     # The consumer's own redaction replaces the router's: headers masked, body kept.
     assert json.loads(audit.body)["cvv"] == "123" and audit.headers["x-api-token"] == "***"
     assert audit.headers["authorization"] == "Bearer s3cr3t-token"

@@ -1,9 +1,9 @@
-"""``postroom dead-letters``: list, group and show dead letters; the changes are registered here.
+"""``postroom dead-letters``: list, group and show dead letters; the changes register here.
 
-The commands that change dead letters (replay, edit, purge, unpurge) and ``status`` live
-in :mod:`postroom.cli_replay`. Exit codes as in :mod:`postroom.cli_ops`: 0 done, 1 nothing
-matched or some not acted on, 2 usage (bad filters, unknown names or ids, a change that
-needs ``--yes``), 3 database.
+The commands that change dead letters live in :mod:`postroom.cli_replay` (replay, edit,
+status) and :mod:`postroom.cli_purge` (purge, unpurge). Exit codes as in
+:mod:`postroom.cli_ops`: 0 done, 1 nothing matched or some not acted on, 2 usage (bad
+filters, unknown names or ids, a change that needs ``--yes``), 3 database.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from postroom import cli_replay
+from postroom import cli_purge, cli_replay
 from postroom.cli_filters import (
     Consumer,
     ErrorType,
@@ -217,6 +217,6 @@ def show(
 
 dead_letters_app.command()(cli_replay.replay)
 dead_letters_app.command()(cli_replay.edit)
-dead_letters_app.command()(cli_replay.purge)
-dead_letters_app.command()(cli_replay.unpurge)
+dead_letters_app.command()(cli_purge.purge)
+dead_letters_app.command()(cli_purge.unpurge)
 dead_letters_app.command()(cli_replay.status)

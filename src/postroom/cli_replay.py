@@ -1,17 +1,15 @@
-"""``postroom dead-letters replay | edit | purge | unpurge | status``: the changing commands.
+"""``postroom dead-letters replay | edit | status``: send dead letters back, see how it went.
 
-Each prints, for a dry run as for a real one, a summary by consumer, error type and
-verdict, so a glance shows that no other consumer was touched; then the rows that need a
-person (refused, loop guard, skipped). A replay over more than ``--threshold`` dead
-letters, or ``--all``, and every purge, first show that summary and ask for ``--yes``.
+A replay over more than ``--threshold`` dead letters, or ``--all``, first shows its
+summary and asks for ``--yes``; ``edit`` replays one dead letter with a corrected body;
+``status --run`` tells, for each message a replay sent, whether it was handled.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -43,110 +41,7 @@ from postroom.cli_ops import (
     run,
     when,
 )
-
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
-    from postroom.filters import Filters
-    from postroom.runs import Report
-    from postroom.settings import Settings
-
-SHOWN = 50
-"""Rows of a report shown to people; --json has them all."""
-
-Yes = Annotated[bool, typer.Option("--yes", "-y", help="Confirm: really do it.")]
-
-
-def _progress(label: str) -> tuple[Any, Callable[[int, int], None]]:
-    from rich.console import Console
-    from rich.progress import Progress
-
-    console = Console(stderr=True)
-    bar = Progress(console=console, transient=True, disable=not console.is_terminal)
-    task = bar.add_task(label, total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total)
-
-
-def _summary(report: Report) -> None:
-    title = "dry run: nothing changed" if report.dry_run else None
-    rows = [
-        (n, consumer, error or "-", verdict) for consumer, error, verdict, n in report.breakdown()
-    ]
-    print_table(title, ("count", "consumer", "error type", "verdict"), rows, fixed=("count",))
-
-
-def _changed(
-    work: Callable[[Settings, AsyncEngine], Any], filters: Filters, what: str, as_json: bool
-) -> Report:
-    """Run *work*; on a needed confirmation show the preview and exit 2 asking for --yes."""
-    from postroom.lookup import elsewhere
-    from postroom.runs import ConfirmationNeededError
-
-    async def guarded(settings: Settings, engine: AsyncEngine) -> Any:
-        try:
-            report = await work(settings, engine)
-        except ConfirmationNeededError as exc:
-            return exc
-        where = await elsewhere(engine, settings.schema_name, filters) if not report.items else {}
-        return report, where
-
-    outcome = run(guarded)
-    if isinstance(outcome, ConfirmationNeededError):
-        preview = outcome.preview
-        if as_json:
-            print_json(preview.as_json())
-        else:
-            _summary(preview)
-        counts = ", ".join(f"{n} {label}" for label, n in preview.counts().items())
-        fail(
-            f"{what} needs --yes: it selects {outcome.letters} "
-            f"({outcome.why}): {counts}. Check the summary, "
-            "then run it again with --yes (or --dry-run to list every row)"
-        )
-    report: Report = outcome[0]
-    _report(report, outcome[1], as_json)
-    return report
-
-
-def _report(report: Report, where: dict[str, int], as_json: bool) -> None:
-    from postroom.runs import DONE, Verdict
-
-    if as_json:
-        print_json(report.as_json())
-    elif report.items:
-        _summary(report)
-        # What was not acted on is listed: that is what needs a person.
-        needing = [i for i in report.items if i.verdict not in DONE]
-        if needing:
-            rows = [
-                (i.id, i.consumer, i.message_id, report.label(i.verdict), i.detail) for i in needing
-            ]
-            print_table(
-                "not acted on",
-                ("id", "consumer", "message id", "verdict", "detail"),
-                rows[:SHOWN],
-                fixed=("id", "message id", "verdict"),
-            )
-            if len(rows) > SHOWN:
-                typer.echo(f"... and {len(rows) - SHOWN} more (see --json)")
-        typer.echo(", ".join(f"{n} {label}" for label, n in report.counts().items()))
-        if not report.dry_run and report.ids(Verdict.REPLAYED):
-            typer.echo(
-                f"run {report.run}: see what became of them with "
-                f"`postroom dead-letters status --run {report.run[:8]}`"
-            )
-    if not report.items:
-        if where:
-            found = ", ".join(f"{n} {status}" for status, n in where.items())
-            typer.echo(
-                f"no dead letter matched among those it acts on; the same selection has "
-                f"{found} (see `dead-letters list --status all` with the same filters)",
-                err=True,
-            )
-        else:
-            typer.echo("no dead letter matched, in any status", err=True)
-    if not report.complete:
-        raise typer.Exit(1)
+from postroom.cli_runs import SHOWN, Yes, changed, progress_bar
 
 
 def replay(
@@ -199,9 +94,9 @@ def replay(
         ),
     )
     loaded = router_of(router)
-    bar, progress = _progress("checking" if dry_run else "replaying")
+    bar, progress = progress_bar("checking" if dry_run else "replaying")
     with bar:
-        _changed(
+        changed(
             lambda s, e: run_replay(
                 e,
                 s.schema_name,
@@ -258,7 +153,7 @@ def edit(
     except (ValueError, UnicodeDecodeError) as exc:
         fail(f"the edited body is not JSON: {exc}")
     body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
-    _changed(
+    changed(
         lambda s, e: replay_edited(
             e,
             s.schema_name,
@@ -298,119 +193,6 @@ def _edit_in_editor(body: bytes) -> bytes:
     if edited == shown:
         fail("the body was not changed: nothing replayed (use `replay ID` to replay it as is)", 1)
     return edited.encode()
-
-
-def purge(
-    ids: Ids = None,
-    consumer: Consumer = None,
-    topic: Topic = None,
-    error_type: ErrorType = None,
-    text: Text = None,
-    reason: Reason = None,
-    since: Since = None,
-    until: Until = None,
-    message_id: MessageId = None,
-    every: All = False,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    limit: Limit = None,
-    router: RouterSpec = None,
-    actor: Actor = None,
-    as_json: Json = False,
-) -> None:
-    """Give up on dead letters: mark them purged (restorable until pruned; audited)."""
-    from postroom.purge import purge as run_purge
-
-    filters = selection(
-        ids,
-        every,
-        parse(
-            consumer=consumer,
-            topic=topic,
-            error_type=error_type,
-            text=text,
-            reason=reason,
-            since=since,
-            until=until,
-            message_id=message_id,
-        ),
-    )
-    loaded = router_of(router)
-    bar, progress = _progress("checking" if dry_run else "purging")
-    with bar:
-        _changed(
-            lambda s, e: run_purge(
-                e,
-                s.schema_name,
-                filters,
-                actor=actor_or_user(actor),
-                confirm=yes,
-                dry_run=dry_run,
-                limit=limit,
-                progress=progress,
-                router=loaded,
-            ),
-            filters,
-            "purge",
-            as_json,
-        )
-
-
-def unpurge(
-    ids: Ids = None,
-    consumer: Consumer = None,
-    topic: Topic = None,
-    error_type: ErrorType = None,
-    text: Text = None,
-    reason: Reason = None,
-    since: Since = None,
-    until: Until = None,
-    message_id: MessageId = None,
-    every: All = False,
-    dry_run: DryRun = False,
-    limit: Limit = None,
-    router: RouterSpec = None,
-    actor: Actor = None,
-    as_json: Json = False,
-) -> None:
-    """Restore purged dead letters to dead, within their retention (audited)."""
-    from datetime import timedelta
-
-    from postroom.purge import unpurge as run_unpurge
-
-    filters = selection(
-        ids,
-        every,
-        parse(
-            consumer=consumer,
-            topic=topic,
-            error_type=error_type,
-            text=text,
-            reason=reason,
-            since=since,
-            until=until,
-            message_id=message_id,
-        ),
-    )
-    loaded = router_of(router)
-    bar, progress = _progress("checking" if dry_run else "restoring")
-    with bar:
-        _changed(
-            lambda s, e: run_unpurge(
-                e,
-                s.schema_name,
-                filters,
-                actor=actor_or_user(actor),
-                retention=timedelta(days=s.dead_letter_retention_days),
-                dry_run=dry_run,
-                limit=limit,
-                progress=progress,
-                router=loaded,
-            ),
-            filters,
-            "unpurge",
-            as_json,
-        )
 
 
 def status(

@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from postroom.message import json_safe
-from postroom.redaction import Redaction
+from postroom.redaction import Redaction, scrub
 from postroom.tables import dead_letters, schema_map
 
 MAX_TRACEBACK_CHARS = 8000
@@ -90,8 +90,15 @@ def redact(letter: DeadLetter, redaction: Redaction | None) -> DeadLetter:
     """Return *letter* with its body and headers redacted as its consumer declared."""
     if redaction is None:
         return letter
+    secrets = redaction.secrets(letter.body, letter.headers)
     body, headers = redaction.apply(letter.body, letter.headers)
-    return replace(letter, body=body, headers=headers)
+    return replace(
+        letter,
+        body=body,
+        headers=headers,
+        error_message=scrub(letter.error_message, secrets) or "",
+        traceback=scrub(letter.traceback, secrets),
+    )
 
 
 async def record(session: AsyncSession, letter: DeadLetter, *, schema: str) -> bool:

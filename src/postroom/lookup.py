@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from postroom.errors import UnknownDeadLetterError
 from postroom.filters import Filters, check_names
+from postroom.redaction import scrub
 from postroom.tables import dead_letters, schema_map
 
 if TYPE_CHECKING:
@@ -216,8 +217,17 @@ async def get_letter(
     )
     consumer = _consumer(router, detail.letter.consumer)
     if consumer is not None and consumer.redaction is not None:
+        secrets = consumer.redaction.secrets(detail.body, detail.headers)
         body, headers = consumer.redaction.apply(detail.body, detail.headers)
-        detail = replace(detail, body=body, headers=headers)
+        message = scrub(detail.letter.error_message, secrets) or ""
+        letter = replace(detail.letter, error_message=message)
+        detail = replace(
+            detail,
+            letter=letter,
+            body=body,
+            headers=headers,
+            traceback=scrub(detail.traceback, secrets),
+        )
     return detail
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from postroom.audit import Action
 from postroom.deadletters import DeadStatus
-from postroom.errors import DecodeError, InvalidFilterError, UnknownDeadLetterError
+from postroom.errors import DecodeError, InvalidEditError, UnknownDeadLetterError
 from postroom.failures import DEFAULT_EXCHANGE
 from postroom.filters import Filters
 from postroom.message import H_CONSUMER, H_FIRST_FAILED, H_LAST_ERROR, H_REPLAYS, Delivery, Message
@@ -151,7 +151,7 @@ async def replay_edited(
     """Replay dead letter *letter_id* with *body* instead of the body it holds.
 
     With *router*, *body* must validate against the consumer's event model (else
-    InvalidFilterError naming the first problems, nothing changed). The dead letter keeps
+    InvalidEditError naming the first problems, nothing changed). The dead letter keeps
     its original body; the audit row holds both, base64. The loop guard does not apply: a
     person wrote this body. Only a ``dead`` dead letter can be edited and replayed.
     """
@@ -165,7 +165,7 @@ async def replay_edited(
                 else next((x for x in router if x.name == row.consumer), None)
             )
             if router is not None and found is None:
-                raise InvalidFilterError(
+                raise InvalidEditError(
                     f"consumer {row.consumer!r} is not in the router given; known: "
                     + ", ".join(sorted(x.name for x in router))
                 )
@@ -177,7 +177,7 @@ async def replay_edited(
                         f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
                         for e in exc.errors()[:3]
                     )
-                    raise InvalidFilterError(
+                    raise InvalidEditError(
                         f"the edited body is not a valid {found.event_type.__name__}: {problems}"
                     ) from None
             try:

@@ -32,7 +32,7 @@ router = postroom.Router(
 
 @router.consumer("pay.capture", Charged, max_attempts=1)
 async def capture(event: Charged, ctx: Context) -> None:
-    raise Reject(f"charge {event.id} declined")
+    raise Reject(f"card {event.card.number} of charge {event.id} declined")
 
 
 @router.consumer(
