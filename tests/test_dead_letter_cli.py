@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from postroom.cli import app as cli_app
 from postroom.deadletters import DeadStatus
+from postroom.runs import Verdict
 from postroom.settings import Settings
 from tests.conftest import settings_env
 from tests.test_ops import APPLY, NOTIFY, letters, seed, snapshot, sql
@@ -337,3 +338,35 @@ async def test_12_help_shows_flags_as_flags_and_purge_says_how_many(settings, se
         in refused.stderr
     )
     assert {r.status for r in (await letters(sessions, schema)).values()} == {"dead"}
+
+
+async def test_7_concurrent_runs_share_a_selection_without_doubling(settings, sessions, engine):
+    from postroom import Outbox
+    from postroom.filters import Filters
+    from postroom.replay import replay
+
+    schema = settings.schema_name
+    seeded = [await seed(sessions, schema, event_id=i) for i in range(40)]
+    outbox = Outbox.from_settings(settings)
+    filters = Filters(consumer=APPLY)
+
+    async def late(who: str) -> Any:  # starts midway and overtakes the paced run
+        await asyncio.sleep(0.6)
+        return await replay(engine, schema, filters, outbox=outbox, actor=who, batch_size=5)
+
+    paced = replay(engine, schema, filters, outbox=outbox, actor="ana", rate=20, batch_size=5)
+    first, second = await asyncio.gather(paced, late("kim"))
+    mine = set(first.ids(Verdict.REPLAYED)), set(second.ids(Verdict.REPLAYED))
+    assert not mine[0] & mine[1] and mine[0] | mine[1] == set(seeded)
+    assert mine[0] and mine[1], "the runs did not overlap: nothing was tested"
+    assert set(first.ids(Verdict.SKIPPED)) == mine[1]  # ana selected all 40, kim took these
+    assert set(second.ids(Verdict.SKIPPED)) <= mine[0]
+    assert {i.detail for i in (*first.items, *second.items) if i.verdict is Verdict.SKIPPED} == {
+        "resolved by another run meanwhile"
+    }
+    rows = await sql(sessions, f'SELECT message_id FROM "{schema}".outbox')
+    assert len(rows) == 40 == len({r.message_id for r in rows})
+    audit = await sql(sessions, f'SELECT actor, target_ids FROM "{schema}".audit ORDER BY id')
+    assert sorted((a.actor, len(a.target_ids)) for a in audit) == sorted(
+        [("ana", len(mine[0])), ("kim", len(mine[1]))]
+    )
