@@ -221,7 +221,9 @@ async def check_names(
     """Raise InvalidFilterError if a consumer, topic or error type names nothing known.
 
     Known: what the dead letters (any status) hold and, if *router* is given, its
-    consumers and their topics. Also checks the ids (UnknownDeadLetterError).
+    consumers and their topics. Also checks the ids (UnknownDeadLetterError). Each name
+    costs a DISTINCT over the table, so callers check when a selection came back empty
+    (a name that matched a row is known).
     """
     await check_ids(connection, schema, filters.ids)
     translate = {"schema_translate_map": schema_map(schema)}

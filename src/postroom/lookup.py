@@ -1,7 +1,8 @@
 """Look at dead letters: list them, group them by error shape, show one and its chain.
 
-Read-only. Every function checks the filters' names first (:func:`filters.check_names`),
-so a mistyped consumer is an error listing the known ones, not an empty answer. A
+Read-only. An empty answer is checked against the known names
+(:func:`filters.check_names`), so a mistyped consumer is an error listing the known ones,
+not an empty answer (a name that matched something needs no check). A
 message's *chain* is every dead letter it became, for one consumer, across replays (a
 replayed message that fails again is a new dead letter with the same message id).
 """
@@ -17,7 +18,7 @@ from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from postroom.errors import UnknownDeadLetterError
-from postroom.filters import Filters, check_names
+from postroom.filters import Filters, check_ids, check_names
 from postroom.redaction import scrub
 from postroom.tables import dead_letters, schema_map
 
@@ -139,8 +140,10 @@ async def list_letters(
         query = query.where(dead_letters.c.id < before)
     query = query.order_by(dead_letters.c.id.desc()).limit(limit + 1)
     async with engine.connect() as connection:
-        await check_names(connection, schema, filters, router=router)
+        await check_ids(connection, schema, filters.ids)
         rows = await _run(connection, query, schema)
+        if not rows:  # a name that matched something is known: check only when empty
+            await check_names(connection, schema, filters, router=router)
     letters = [Letter(**row._mapping) for row in rows[:limit]]
     more = len(rows) > limit
     return Page(letters=letters, next_before=letters[-1].id if more else None)
@@ -179,8 +182,10 @@ async def group_letters(
         .limit(limit)
     )
     async with engine.connect() as connection:
-        await check_names(connection, schema, filters, router=router)
+        await check_ids(connection, schema, filters.ids)
         rows = await _run(connection, query, schema)
+        if not rows:
+            await check_names(connection, schema, filters, router=router)
     return [Group(**row._mapping) for row in rows]
 
 

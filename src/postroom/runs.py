@@ -29,7 +29,7 @@ from postroom import audit
 from postroom.audit import Action
 from postroom.deadletters import DeadStatus
 from postroom.errors import PostroomError
-from postroom.filters import Filters, check_names
+from postroom.filters import Filters, check_ids, check_names
 from postroom.tables import dead_letters, schema_map
 
 if TYPE_CHECKING:
@@ -272,8 +272,10 @@ async def select_ids(
         query = query.limit(limit)
     translate = {"schema_translate_map": schema_map(schema)}
     async with engine.connect() as connection:
-        await check_names(connection, schema, filters, router=router)
+        await check_ids(connection, schema, filters.ids)
         ids = list((await connection.execute(query, execution_options=translate)).scalars())
+        if not ids:  # a name that matched something is known: check only when empty
+            await check_names(connection, schema, filters, router=router)
         chosen = set(ids)
         left = [i for i in filters.ids if i not in chosen]
         others = select(c.id, c.consumer, c.message_id, c.error_type, c.status).where(
