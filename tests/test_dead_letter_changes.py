@@ -215,7 +215,7 @@ async def test_edit_and_replay_through_the_editor_keeps_the_original(books, sess
     assert twice.exit_code == 1 and "already replayed" in twice.stdout
 
 
-async def test_redaction_keeps_secrets_out_of_dead_letters_and_output(settings, sessions):
+async def test_redaction_keeps_secrets_out_of_dead_letters_and_output(settings, sessions, tmp_path):
     schema = settings.schema_name
     event = secretive.Charged(
         id=1, card=secretive.Card(number="4111111111111111", holder="Ann"), cvv="123", amount=5
@@ -256,6 +256,15 @@ async def test_redaction_keeps_secrets_out_of_dead_letters_and_output(settings, 
     assert replay.exit_code == 1
     [item] = json.loads(replay.stdout)["items"]
     assert item["verdict"] == "refused" and "its body was redacted when stored" in item["detail"]
+    whole = tmp_path / "whole.json"
+    whole.write_text(event.model_dump_json())  # the person supplies the redacted fields
+    edited = await cli(
+        settings, "dead-letters", "edit", str(capture.id), "--file", str(whole),
+        "--router", "tests.apps.secretive:router", "--json",
+    )  # fmt: skip
+    assert edited.exit_code == 0, edited.output
+    [sent] = await sql(sessions, f'SELECT body, headers FROM "{schema}".outbox')
+    assert json.loads(sent.body)["cvv"] == "123" and "postroom-redacted" not in sent.headers
     headers_only = await cli(settings, "dead-letters", "replay", str(audit.id), "--json")
     assert headers_only.exit_code == 0, headers_only.output  # the body is whole: replayable
 

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from postroom import audit
 from postroom.audit import Action
 from postroom.deadletters import DeadStatus
-from postroom.errors import PostroomError
+from postroom.errors import InvalidFilterError, PostroomError
 from postroom.filters import Filters, check_ids, check_names
 from postroom.tables import dead_letters, schema_map
 
@@ -193,7 +193,7 @@ async def execute(
 ) -> Report:
     """Run *plan* over the dead letters *filters* select, batch by batch, audited as one."""
     if filters.status not in (None, plan.status):
-        raise PostroomError(
+        raise InvalidFilterError(
             f"{plan.action.value.split('.')[-1]} acts on {plan.status.value} dead letters only; "
             f"drop --status {filters.status}"
         )
