@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from postroom.audit import Action
 from postroom.errors import InvalidFilterError
 from postroom.failures import DEFAULT_EXCHANGE
+from postroom.filters import shown_time
 from postroom.tables import audit, dead_letters, inbox, outbox, schema_map
 
 
@@ -174,7 +175,7 @@ async def fates(engine: AsyncEngine, schema: str, run: str) -> RunFates:
             )
         elif key in queued:
             attempt = queued[key].headers.get("postroom-attempt", 1)
-            due = f"{queued[key].available_at:%Y-%m-%d %H:%M:%S} UTC"
+            due = shown_time(queued[key].available_at)
             detail = f"in the outbox, attempt {attempt}, due {due}"
             result.append(MessageFate(row.id, row.consumer, row.message_id, Fate.PENDING, detail))
         else:
