@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -110,11 +110,14 @@ class Router:
         for published in publishes:
             topic_of(published)
         policy = RetryPolicy(max_attempts=max_attempts, base=backoff, cap=backoff_cap)
+        redaction = redact or self._redact
 
         def register(handler: Handler[E]) -> Handler[E]:
             self._consumers[name] = Consumer(
-                name, event_type, handler, policy, ordered, tuple(publishes), redact or self._redact
+                name, event_type, handler, policy, ordered, tuple(publishes)
             )
+            if redaction is not None:
+                self._consumers[name] = replace(self._consumers[name], redaction=redaction)
             return handler
 
         return register
