@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from postroom.cli_ops import fail, print_json, print_table
+from postroom.cli_ops import fail, print_json, print_table, run
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -29,6 +29,7 @@ Yes = Annotated[bool, typer.Option("--yes", "-y", help="Confirm: really do it.")
 
 
 def progress_bar(label: str) -> tuple[Any, Callable[[int, int], None]]:
+    """Return a progress bar on stderr (shown on a terminal only) and its update callback."""
     from rich.console import Console
     from rich.progress import Progress
 
@@ -39,6 +40,7 @@ def progress_bar(label: str) -> tuple[Any, Callable[[int, int], None]]:
 
 
 def summary(report: Report) -> None:
+    """Print the count of dead letters per consumer, error type and verdict."""
     title = "dry run: nothing changed" if report.dry_run else None
     rows = [
         (n, consumer, error or "-", verdict) for consumer, error, verdict, n in report.breakdown()
@@ -61,8 +63,6 @@ def changed(
         where = await elsewhere(engine, settings.schema_name, filters) if not report.items else {}
         return report, where
 
-    from postroom.cli_ops import run
-
     outcome = run(guarded)
     if isinstance(outcome, ConfirmationNeededError):
         preview = outcome.preview
@@ -82,6 +82,7 @@ def changed(
 
 
 def _report(report: Report, where: dict[str, int], as_json: bool) -> None:
+    from postroom.audit import Action
     from postroom.runs import DONE, Verdict
 
     if as_json:
@@ -111,8 +112,9 @@ def _report(report: Report, where: dict[str, int], as_json: bool) -> None:
     if not report.items:
         if where:
             found = ", ".join(f"{n} {status}" for status, n in where.items())
+            wanted = "purged" if report.action is Action.UNPURGE else "dead"
             typer.echo(
-                f"no dead letter matched among those it acts on; the same selection has "
+                f"no {wanted} dead letter matched; the same selection has "
                 f"{found} (see `dead-letters list --status all` with the same filters)",
                 err=True,
             )
