@@ -18,7 +18,18 @@ depends_on = None
 SCHEMA = "postroom"
 
 
+def _schema() -> str:
+    """The schema being migrated: env.py maps "postroom" to it on the connection.
+
+    Alembic's ALTER TABLE elements do not go through that map (CREATE TABLE does), so
+    they are given the real name.
+    """
+    translate = op.get_bind().get_execution_options().get("schema_translate_map") or {}
+    return str(translate.get(SCHEMA, SCHEMA))
+
+
 def upgrade() -> None:
+    schema = _schema()
     op.add_column(
         "audit",
         sa.Column(
@@ -27,7 +38,7 @@ def upgrade() -> None:
             nullable=True,
             comment="one row per command run, named by its run id",
         ),
-        schema=SCHEMA,
+        schema=schema,
     )
     # Rows written before: one per batch, the run id in details. Keep them as they are.
     op.create_index(
@@ -35,11 +46,12 @@ def upgrade() -> None:
         "audit",
         ["run"],
         unique=True,
-        schema=SCHEMA,
+        schema=schema,
         postgresql_where=sa.text("run IS NOT NULL"),
     )
 
 
 def downgrade() -> None:
-    op.drop_index("uq_audit_run", table_name="audit", schema=SCHEMA)
-    op.drop_column("audit", "run", schema=SCHEMA)
+    schema = _schema()
+    op.drop_index("uq_audit_run", table_name="audit", schema=schema)
+    op.drop_column("audit", "run", schema=schema)
