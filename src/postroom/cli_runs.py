@@ -114,7 +114,7 @@ def _report(report: Report, where: dict[str, int], as_json: bool) -> None:
             found = ", ".join(f"{n} {status}" for status, n in where.items())
             wanted = "purged" if report.action is Action.UNPURGE else "dead"
             typer.echo(
-                f"no {wanted} dead letter matched; the same selection has "
+                f"no dead letter matched among the {wanted} ones; the same selection has "
                 f"{found} (see `dead-letters list --status all` with the same filters)",
                 err=True,
             )
