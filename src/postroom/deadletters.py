@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from postroom.message import json_safe
-from postroom.redaction import Redaction, scrub
+from postroom.redaction import Redaction, mask
 from postroom.tables import dead_letters, schema_map
 
 MAX_TRACEBACK_CHARS = 8000
@@ -96,8 +96,8 @@ def redact(letter: DeadLetter, redaction: Redaction | None) -> DeadLetter:
         letter,
         body=body,
         headers=headers,
-        error_message=scrub(letter.error_message, secrets) or "",
-        traceback=scrub(letter.traceback, secrets),
+        error_message=mask(letter.error_message, secrets),
+        traceback=None if letter.traceback is None else mask(letter.traceback, secrets),
     )
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from postroom.errors import UnknownDeadLetterError
 from postroom.filters import Filters, check_ids, check_names
-from postroom.redaction import scrub
+from postroom.redaction import mask
 from postroom.tables import dead_letters, schema_map
 
 if TYPE_CHECKING:
@@ -224,14 +224,14 @@ async def get_letter(
     if consumer is not None and consumer.redaction is not None:
         secrets = consumer.redaction.secrets(detail.body, detail.headers)
         body, headers = consumer.redaction.apply(detail.body, detail.headers)
-        message = scrub(detail.letter.error_message, secrets) or ""
+        message = mask(detail.letter.error_message, secrets)
         letter = replace(detail.letter, error_message=message)
         detail = replace(
             detail,
             letter=letter,
             body=body,
             headers=headers,
-            traceback=scrub(detail.traceback, secrets),
+            traceback=None if detail.traceback is None else mask(detail.traceback, secrets),
         )
     return detail
 
