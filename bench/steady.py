@@ -2,7 +2,7 @@
 
 A relay and a worker run while the load generator commits at a fixed rate for ten
 minutes (one with ``--quick``); every 10 s the phase samples the outbox and inbox row
-counts, dead tuples and on-disk sizes. ``upkeep.prune`` (what ``postroom prune`` runs)
+counts, dead tuples and on-disk sizes. ``prune.prune`` (what ``postroom prune`` runs)
 deletes inbox rows older than a one-minute retention every minute, as a CronJob would
 with a longer one. On a server without autovacuum (this machine's) it also vacuums the
 tables, as ``postroom prune --vacuum`` would: otherwise the outbox, whose every row is
@@ -31,7 +31,7 @@ from bench.consumer_app import domain
 from bench.env import BenchEnv
 from bench.procs import services
 from bench.report import Figure, Results, quantile
-from postroom import upkeep
+from postroom import prune
 
 RATE = 200
 INBOX_RETENTION = timedelta(seconds=60)
@@ -83,7 +83,7 @@ async def run(env: BenchEnv, results: Results, *, quick: bool, out: Path) -> Non
                         await asyncio.wait_for(gen.wait(), 10.0)
                     if time.time() >= next_prune:
                         next_prune += PRUNE_EVERY
-                        report = await upkeep.prune(
+                        report = await prune.prune(
                             engine,
                             "postroom",
                             inbox_retention=INBOX_RETENTION,
@@ -92,7 +92,7 @@ async def run(env: BenchEnv, results: Results, *, quick: bool, out: Path) -> Non
                         )
                         pruned += report.inbox
                         if not autovacuum:
-                            await upkeep.vacuum(engine, "postroom")
+                            await prune.vacuum(engine, "postroom")
                     sample = await _sample(conn, started)
                     samples.append(sample)
                     print(f"  steady   {sample}", flush=True)

@@ -85,3 +85,30 @@ def test_wheel_ships_the_migrations(tmp_path):
         check=True,
     )
     assert out.stdout.strip().startswith(str(target))
+
+
+async def test_a_named_schema_is_migrated_to_head_in_that_schema(database_url):
+    """ALTER TABLE revisions must alter the configured schema, not "postroom"."""
+    import uuid
+
+    from sqlalchemy import text
+
+    schema = f"named_{uuid.uuid4().hex[:8]}"
+    settings = Settings(database_url=database_url, schema=schema)  # type: ignore[arg-type]
+    engine = create_async_engine(database_url)
+    try:
+        await upgrade_async(settings)
+        assert await current_revision(settings) == head_revision()
+        async with engine.connect() as conn:
+            columns = await conn.scalar(
+                text(
+                    "SELECT array_agg(column_name::text ORDER BY column_name) FROM "
+                    "information_schema.columns WHERE table_schema = :s AND table_name = 'audit'"
+                ),
+                {"s": schema},
+            )
+        assert "run" in columns
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await engine.dispose()

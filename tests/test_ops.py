@@ -18,13 +18,15 @@ from postroom import Outbox, deadletters
 from postroom.cli import app as cli_app
 from postroom.deadletters import DeadLetter, DeadReason, DeadStatus
 from postroom.errors import TableBusyError
+from postroom.filters import Filters
+from postroom.lookup import group_letters, list_letters
 from postroom.message import Message, json_safe, uuid7
-from postroom.resolve import Verdict, replay
+from postroom.prune import prune
+from postroom.replay import replay
+from postroom.runs import Verdict
 from postroom.settings import Settings
 from postroom.tables import dead_letters, schema_map
 from postroom.tables import outbox as outbox_table
-from postroom.triage import Filters, group_letters, list_letters
-from postroom.upkeep import prune
 from tests.apps.repairable import DDL, Posted, router
 from tests.conftest import postroom_cmd, settings_env
 from tests.helpers import eventually, running_relay, running_worker, spawn, wait_exit
@@ -374,15 +376,15 @@ async def test_filters_select_exact_subsets_and_dry_runs_change_nothing(settings
     assert dry.exit_code == 1  # f cannot be replayed
     verdicts = {x["id"]: x["verdict"] for x in json.loads(dry.stdout)["items"]}
     assert verdicts == {
-        a: "replayed",
-        b: "replayed",
-        c: "replayed",
-        d: "replayed",
-        e: "replayed",
+        a: "would_replay",
+        b: "would_replay",
+        c: "would_replay",
+        d: "would_replay",
+        e: "would_replay",
         f: "refused",
     }
     dry = await cli(settings, "dead-letters", "purge", "-c", NOTIFY, "--dry-run", "--json")
-    assert dry.exit_code == 0 and json.loads(dry.stdout)["counts"] == {"purged": 2}
+    assert dry.exit_code == 0 and json.loads(dry.stdout)["counts"] == {"would_purge": 2}
     dry = await cli(settings, "prune", "--dry-run", "--dead-letter-days", "1", "--json")
     assert (json.loads(dry.stdout)["inbox"], json.loads(dry.stdout)["dead_letters"]) == (3, 1)
     refused = await cli(settings, "dead-letters", "replay", str(f), "--json")
@@ -608,7 +610,7 @@ async def test_every_mutating_command_is_audited(settings, sessions):
         ("dead_letters.purge", "bob", [second, third], 2),
         ("dead_letters.replay", "alice", [first], 1),
     ]
-    assert entries[0]["details"]["inbox"] == 4 and "run" in entries[2]["details"]
+    assert entries[0]["details"]["inbox"] == 4 and entries[2]["run"]
     only = await cli(settings, "audit", "--id", str(third), "--json")
     assert [x["action"] for x in json.loads(only.stdout)["audit"]] == ["dead_letters.purge"]
     human = await cli(settings, "audit", "--action", "dead_letters.replay")

@@ -9,6 +9,7 @@ from postroom.errors import PostroomError, Reject
 from postroom.events import Event
 from postroom.message import Message
 from postroom.outbox import Outbox, configure, publish
+from postroom.redaction import Redaction
 from postroom.router import Context, Router
 from postroom.settings import Settings
 from postroom.tables import metadata
@@ -19,6 +20,7 @@ __all__ = [
     "Message",
     "Outbox",
     "PostroomError",
+    "Redaction",
     "Reject",
     "Router",
     "Settings",

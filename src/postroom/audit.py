@@ -1,8 +1,15 @@
 """The audit trail: who changed what through the ops tools, and when.
 
-Every mutating ops action (replay, purge, prune) writes its audit row in the same
+Every change (replay, purge, un-purge, prune, ...) writes its audit row in the same
 transaction as the change it describes, so the trail is exactly as complete as the
 changes: a change without its row cannot commit, a rolled-back one leaves neither.
+
+A command run is one row, however many batches it takes: the first batch that changes
+something inserts the row, named by the run id; each later batch adds its dead-letter
+ids, its count and its line in ``details["batches"]`` to that row, in the batch's own
+transaction. ``details["parameters"]`` holds every parameter of the command and
+``details["totals"]`` what became of the whole selection (set when the run finishes; a
+row without ``finished_at`` is a run that was interrupted).
 """
 
 from __future__ import annotations
@@ -10,13 +17,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from postroom.tables import audit, schema_map
+from postroom.errors import InvalidFilterError, UnknownDeadLetterError
+from postroom.tables import audit, dead_letters, schema_map
 
 
 class Action(enum.StrEnum):
@@ -24,8 +32,12 @@ class Action(enum.StrEnum):
 
     REPLAY = "dead_letters.replay"
     """Dead letters sent back to their consumer's queue (``target_ids``: the dead letters)."""
+    EDIT_REPLAY = "dead_letters.edit_replay"
+    """One dead letter replayed with an edited body; both bodies are in ``details``."""
     PURGE = "dead_letters.purge"
     """Dead letters given up on; kept as ``purged`` for the retention period."""
+    UNPURGE = "dead_letters.unpurge"
+    """Purged dead letters restored to ``dead``, within their retention."""
     PRUNE = "prune"
     """Old inbox rows and resolved dead letters deleted (counts in ``details``)."""
     OUTBOX_RETRY = "outbox.retry"
@@ -36,7 +48,7 @@ class Action(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
-    """One audit row."""
+    """One audit row: one command run."""
 
     id: int
     at: datetime
@@ -45,6 +57,7 @@ class AuditEntry:
     target_ids: tuple[int, ...]
     count: int
     details: Mapping[str, Any]
+    run: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -52,10 +65,15 @@ class AuditEntry:
             "at": self.at.isoformat(),
             "actor": self.actor,
             "action": self.action,
+            "run": self.run,
             "target_ids": list(self.target_ids),
             "count": self.count,
             "details": dict(self.details),
         }
+
+
+def _translate(schema: str) -> dict[str, Any]:
+    return {"schema_translate_map": schema_map(schema)}
 
 
 async def write(
@@ -67,18 +85,94 @@ async def write(
     target_ids: Sequence[int],
     count: int,
     details: Mapping[str, Any],
+    run: str | None = None,
 ) -> None:
     """Insert one audit row in *session*'s open transaction (the caller commits)."""
     await session.execute(
         insert(audit).values(
             actor=actor,
             action=action.value,
+            run=run,
             target_ids=list(target_ids),
             count=count,
             details=dict(details),
         ),
-        execution_options={"schema_translate_map": schema_map(schema)},
+        execution_options=_translate(schema),
     )
+
+
+async def add_batch(
+    session: AsyncSession,
+    *,
+    schema: str,
+    run: str,
+    actor: str,
+    action: Action,
+    target_ids: Sequence[int],
+    parameters: Mapping[str, Any],
+) -> None:
+    """Add one batch of run *run* to its audit row (creating it) in *session*'s transaction."""
+    # The ids are in target_ids already: a batch records its time, size and id range only,
+    # so the row grows by a few bytes per batch beside the ids themselves.
+    batch = {
+        "at": datetime.now(UTC).isoformat(),
+        "count": len(target_ids),
+        "first_id": min(target_ids, default=None),
+        "last_id": max(target_ids, default=None),
+    }
+    row = (
+        await session.execute(
+            select(audit.c.id, audit.c.details).where(audit.c.run == run).with_for_update(),
+            execution_options=_translate(schema),
+        )
+    ).first()
+    if row is None:
+        details = {"parameters": dict(parameters), "batches": [batch]}
+        await write(
+            session,
+            schema=schema,
+            actor=actor,
+            action=action,
+            target_ids=target_ids,
+            count=len(target_ids),
+            details=details,
+            run=run,
+        )
+        return
+    details = dict(row.details)
+    details["batches"] = [*details.get("batches", []), batch]
+    await session.execute(
+        update(audit)
+        .where(audit.c.id == row.id)
+        .values(
+            target_ids=audit.c.target_ids + list(target_ids),
+            count=audit.c.count + len(target_ids),
+            details=details,
+        ),
+        execution_options=_translate(schema),
+    )
+
+
+async def finish(engine: AsyncEngine, schema: str, run: str, totals: Mapping[str, int]) -> None:
+    """Record the totals of a finished run on its audit row (if it changed anything)."""
+    async with engine.begin() as connection:
+        row = (
+            await connection.execute(
+                select(audit.c.id, audit.c.details).where(audit.c.run == run).with_for_update(),
+                execution_options=_translate(schema),
+            )
+        ).first()
+        if row is None:
+            return
+        details = {
+            **row.details,
+            "totals": dict(totals),
+            "finished_at": datetime.now(UTC).isoformat(),
+        }
+        await connection.execute(
+            update(audit).where(audit.c.id == row.id).values(details=details),
+            execution_options=_translate(schema),
+        )
 
 
 async def entries(
@@ -89,12 +183,21 @@ async def entries(
     actor: str | None = None,
     since: datetime | None = None,
     target: int | None = None,
+    run: str | None = None,
+    message_id: str | None = None,
     limit: int = 50,
 ) -> list[AuditEntry]:
     """Return audit rows, newest first, narrowed by the given criteria.
 
-    *target* keeps the rows naming that dead-letter id, to trace one dead letter's history.
+    *target* (a dead-letter id) and *message_id* follow the message's whole chain: the
+    rows naming any dead letter it became, across its replays. *run* matches a run id or
+    its first characters (as tables show them). An id, message id or run that names
+    nothing at all is an error (UnknownDeadLetterError, InvalidFilterError), not an
+    empty answer.
     """
+    if action is not None and action not in {a.value for a in Action}:
+        known = ", ".join(a.value for a in Action)
+        raise InvalidFilterError(f"unknown action {action!r}; known: {known}")
     query = select(audit).order_by(audit.c.id.desc()).limit(limit)
     if action is not None:
         query = query.where(audit.c.action == action)
@@ -102,12 +205,22 @@ async def entries(
         query = query.where(audit.c.actor == actor)
     if since is not None:
         query = query.where(audit.c.at >= since)
-    if target is not None:
-        query = query.where(audit.c.target_ids.contains([target]))
     async with engine.connect() as connection:
-        result = await connection.execute(
-            query, execution_options={"schema_translate_map": schema_map(schema)}
-        )
+        if target is not None or message_id is not None:
+            ids = await _chain_ids(connection, schema, target, message_id)
+            query = query.where(audit.c.target_ids.overlap(ids))
+        if run is not None:
+            prefix = run.strip().lower().replace("%", "").replace("_", "")
+            if len(prefix) < 4:
+                raise InvalidFilterError(f"--run {run!r}: give at least 4 characters of a run id")
+            query = query.where(audit.c.run.like(prefix + "%"))
+            found = await connection.scalar(
+                select(func.count()).where(audit.c.run.like(prefix + "%")),
+                execution_options=_translate(schema),
+            )
+            if not found:
+                raise InvalidFilterError(f"no audit row for run {run!r}")
+        result = await connection.execute(query, execution_options=_translate(schema))
         rows = result.mappings().all()
     return [
         AuditEntry(
@@ -118,6 +231,46 @@ async def entries(
             target_ids=tuple(row["target_ids"]),
             count=row["count"],
             details=row["details"],
+            run=row["run"],
         )
         for row in rows
     ]
+
+
+async def _chain_ids(
+    connection: Any, schema: str, target: int | None, message_id: str | None
+) -> list[int]:
+    """The ids of every dead letter in the chain of *target* or of *message_id*."""
+    c = dead_letters.c
+    ids: set[int] = set()
+    if target is not None:
+        ids.add(target)
+        origin = (
+            await connection.execute(
+                select(c.consumer, c.message_id).where(c.id == target),
+                execution_options=_translate(schema),
+            )
+        ).first()
+        if origin is None:
+            named = await connection.scalar(
+                select(func.count()).where(audit.c.target_ids.contains([target])),
+                execution_options=_translate(schema),
+            )
+            if not named:  # neither a dead letter nor one that was pruned after a change
+                raise UnknownDeadLetterError([target])
+        else:
+            hops = select(c.id).where(
+                c.consumer == origin.consumer, c.message_id == origin.message_id
+            )
+            ids |= set(
+                (await connection.execute(hops, execution_options=_translate(schema))).scalars()
+            )
+    if message_id is not None:
+        hops = select(c.id).where(c.message_id == message_id.strip())
+        found = set(
+            (await connection.execute(hops, execution_options=_translate(schema))).scalars()
+        )
+        if not found:
+            raise InvalidFilterError(f"no dead letter with message id {message_id!r}")
+        ids = found if target is None else ids & found
+    return sorted(ids)

@@ -55,6 +55,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: typer's rich panels show flags as "--yes <bool>"
     help="postroom: transactional outbox, relay and idempotent consumers.",
 )
 

@@ -1,90 +1,40 @@
-"""``postroom dead-letters``: list, group, show, replay and purge dead letters.
+"""``postroom dead-letters``: list, group and show dead letters; the changes register here.
 
-Exit codes as in :mod:`postroom.cli_ops`: 0 done, 1 nothing matched or some not acted on,
-2 usage (bad filters, unknown ids, purge without ``--yes``), 3 database.
+The commands that change dead letters live in :mod:`postroom.cli_replay` (replay, edit,
+status) and :mod:`postroom.cli_purge` (purge, unpurge). Exit codes as in
+:mod:`postroom.cli_ops`: 0 done, 1 nothing matched or some not acted on, 2 usage (bad
+filters, unknown names or ids, a change that needs ``--yes``), 3 database.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
-from postroom.cli_ops import (
-    Actor,
-    DryRun,
-    Json,
+from postroom import cli_purge, cli_replay
+from postroom.cli_filters import (
+    Consumer,
+    ErrorType,
+    MessageId,
+    Reason,
+    RouterSpec,
     Since,
-    actor_or_user,
-    fail,
-    print_json,
-    print_table,
-    run,
-    when,
+    Status,
+    Text,
+    Topic,
+    Until,
+    parse,
+    router_of,
 )
-from postroom.errors import PostroomError
-
-if TYPE_CHECKING:
-    from postroom.resolve import Report
-    from postroom.triage import Filters
+from postroom.cli_ops import Json, print_json, print_table, run, when
 
 dead_letters_app = typer.Typer(
-    no_args_is_help=True, help="Inspect, group, replay and purge dead letters."
+    no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: typer's rich panels show flags as "--yes <bool>"
+    help="Inspect, group, replay and purge dead letters.",
 )
-
-Consumer = Annotated[str | None, typer.Option("--consumer", "-c", help="Only this consumer's.")]
-Topic = Annotated[str | None, typer.Option(help="Only this topic.")]
-ErrorType = Annotated[
-    str | None,
-    typer.Option("--error-type", "-e", help="Exception name: TimeoutError, httpx.ReadTimeout."),
-]
-Text = Annotated[
-    str | None,
-    typer.Option("--text", "-t", help="Text in 'ErrorType: message' (any case, literal)."),
-]
-Reason = Annotated[
-    str | None,
-    typer.Option(
-        help="rejected, exhausted, undecodable, unknown_topic, too_large or delivery_limit."
-    ),
-]
-Until = Annotated[str | None, typer.Option(help="Dead before: like --since.")]
-Status = Annotated[str, typer.Option(help="dead, replayed, purged or all.")]
-Ids = Annotated[list[int] | None, typer.Argument(help="Dead-letter ids.", show_default=False)]
-All = Annotated[bool, typer.Option("--all", help="Select every dead letter (no filter).")]
-Limit = Annotated[int | None, typer.Option(min=1, help="At most this many.")]
-
-SHOWN = 50
-"""Rows of a replay or purge report shown to people; --json has them all."""
-
-
-def _filters(
-    consumer: str | None,
-    topic: str | None,
-    error_type: str | None,
-    text: str | None,
-    reason: str | None,
-    since: str | None,
-    until: str | None,
-    status: str | None = None,
-) -> Filters:
-    from postroom.triage import Filters
-
-    try:
-        return Filters.parse(
-            consumer=consumer,
-            topic=topic,
-            error_type=error_type,
-            text=text,
-            reason=reason,
-            since=since,
-            until=until,
-            status=status,
-        )
-    except PostroomError as exc:
-        fail(str(exc))
 
 
 @dead_letters_app.command("list")
@@ -96,16 +46,33 @@ def list_(
     reason: Reason = None,
     since: Since = None,
     until: Until = None,
+    message_id: MessageId = None,
     status: Status = "dead",
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="Rows per page.")] = 50,
     before: Annotated[int | None, typer.Option(help="Only ids below this (next page).")] = None,
+    router: RouterSpec = None,
     as_json: Json = False,
 ) -> None:
     """List dead letters, newest first."""
-    from postroom.triage import list_letters
+    from postroom.lookup import list_letters
 
-    filters = _filters(consumer, topic, error_type, text, reason, since, until, status)
-    page = run(lambda s, e: list_letters(e, s.schema_name, filters, limit=limit, before=before))
+    filters = parse(
+        consumer=consumer,
+        topic=topic,
+        error_type=error_type,
+        text=text,
+        reason=reason,
+        since=since,
+        until=until,
+        message_id=message_id,
+        status=status,
+    )
+    loaded = router_of(router)
+    page = run(
+        lambda s, e: list_letters(
+            e, s.schema_name, filters, limit=limit, before=before, router=loaded
+        )
+    )
     if as_json:
         print_json(
             {
@@ -142,20 +109,34 @@ def groups(
     reason: Reason = None,
     since: Since = None,
     until: Until = None,
+    message_id: MessageId = None,
     status: Status = "dead",
+    router: RouterSpec = None,
     as_json: Json = False,
 ) -> None:
-    """Count dead letters by consumer, error type and error shape (numbers, ids elided)."""
-    from postroom.triage import group_letters
+    """Count dead letters by status, consumer, error type and error shape (numbers elided)."""
+    from postroom.lookup import group_letters
 
-    filters = _filters(consumer, topic, error_type, text, reason, since, until, status)
-    found = run(lambda s, e: group_letters(e, s.schema_name, filters))
+    filters = parse(
+        consumer=consumer,
+        topic=topic,
+        error_type=error_type,
+        text=text,
+        reason=reason,
+        since=since,
+        until=until,
+        message_id=message_id,
+        status=status,
+    )
+    loaded = router_of(router)
+    found = run(lambda s, e: group_letters(e, s.schema_name, filters, router=loaded))
     if as_json:
         print_json({"groups": [g.as_json() for g in found]})
         return
     rows = [
         (
             g.count,
+            g.status,
             g.consumer,
             g.error_type,
             g.shape,
@@ -165,25 +146,37 @@ def groups(
         )
         for g in found
     ]
-    columns = ("count", "consumer", "error type", "message shape", "first", "last", "latest id")
-    print_table(None, columns, rows, fixed=("count", "first", "last", "latest id"))
+    columns = (
+        "count",
+        "status",
+        "consumer",
+        "error type",
+        "message shape",
+        "first",
+        "last",
+        "latest id",
+    )
+    print_table(None, columns, rows, fixed=("count", "status", "first", "last", "latest id"))
 
 
 @dead_letters_app.command()
 def show(
     letter_id: Annotated[int, typer.Argument(metavar="ID", help="Dead-letter id.")],
+    router: RouterSpec = None,
     as_json: Json = False,
 ) -> None:
-    """Show one whole dead letter: reason, traceback, attempts, times, headers, body."""
+    """Show one whole dead letter: reason, traceback, headers, body, and its chain of replays."""
     import base64
 
-    from postroom.triage import get_letter
+    from postroom.lookup import get_letter
 
-    detail = run(lambda s, e: get_letter(e, s.schema_name, letter_id))
+    loaded = router_of(router)
+    detail = run(lambda s, e: get_letter(e, s.schema_name, letter_id, router=loaded))
     try:
         body, encoding = detail.body.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         body, encoding = base64.b64encode(detail.body).decode("ascii"), "base64"
+    chain = [(x.id, when(x.created_at), x.status, x.replays, x.error_type) for x in detail.chain]
     if as_json:
         shown = detail.letter.as_json()
         shown.update(
@@ -193,6 +186,7 @@ def show(
             body_encoding=encoding,
             content_type=detail.content_type,
             correlation_id=detail.correlation_id,
+            chain=[x.as_json() for x in detail.chain],
         )
         print_json(shown)
         return
@@ -212,146 +206,17 @@ def show(
         out.print(body, markup=False)
     out.print("[bold]traceback[/]:", markup=True)
     out.print(detail.traceback or "(none)", markup=False)
-
-
-def _selection(ids: list[int] | None, every: bool, filters: Filters) -> Filters:
-    from dataclasses import replace
-
-    chosen = replace(filters, ids=tuple(dict.fromkeys(ids or ())))
-    if not chosen.narrows and not every:
-        fail("say which dead letters: ids, a filter (--consumer, --error-type, ...) or --all")
-    return chosen
-
-
-def _progress(label: str) -> tuple[Any, Callable[[int, int], None]]:
-    from rich.console import Console
-    from rich.progress import Progress
-
-    console = Console(stderr=True)
-    bar = Progress(console=console, transient=True, disable=not console.is_terminal)
-    task = bar.add_task(label, total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total)
-
-
-def _report(report: Report, as_json: bool) -> None:
-    from postroom.resolve import Verdict
-
-    if as_json:
-        print_json(report.as_json())
-    else:
-        verb = "would be " if report.dry_run else ""
-        counts = ", ".join(
-            f"{len(report.ids(v))} {verb}{v.value}" for v in Verdict if report.ids(v)
+    if len(chain) > 1:
+        print_table(
+            "this message's chain (every dead letter it became, oldest first)",
+            ("id", "dead since", "status", "rep", "error type"),
+            chain,
+            fixed=("id", "dead since", "status", "rep"),
         )
-        # What was not acted on comes first: that is what needs a person.
-        items = sorted(report.items, key=lambda i: i.verdict in (Verdict.REPLAYED, Verdict.PURGED))
-        shown = [(i.id, i.consumer, i.message_id, i.verdict.value, i.detail) for i in items]
-        if shown:
-            title = "dry run: nothing changed" if report.dry_run else None
-            columns = ("id", "consumer", "message id", "verdict", "detail")
-            fixed = ("id", "message id", "verdict")
-            print_table(title, columns, shown[:SHOWN], fixed=fixed)
-        if len(shown) > SHOWN:
-            typer.echo(f"... and {len(shown) - SHOWN} more (see --json)")
-        typer.echo(counts or "no dead letter matched", err=not counts)
-    if not report.complete:
-        raise typer.Exit(1)
 
 
-@dead_letters_app.command()
-def replay(
-    ids: Ids = None,
-    consumer: Consumer = None,
-    topic: Topic = None,
-    error_type: ErrorType = None,
-    text: Text = None,
-    reason: Reason = None,
-    since: Since = None,
-    until: Until = None,
-    every: All = False,
-    dry_run: DryRun = False,
-    limit: Limit = None,
-    rate: Annotated[
-        float | None, typer.Option(min=0.1, help="At most this many per second.")
-    ] = None,
-    max_replays: Annotated[
-        int, typer.Option(min=1, help="Loop guard: flag, don't replay, after this many replays.")
-    ] = 3,
-    force: Annotated[bool, typer.Option("--force", help="Replay past the loop guard.")] = False,
-    actor: Actor = None,
-    as_json: Json = False,
-) -> None:
-    """Send dead letters back to the consumer that failed them, and to no other.
-
-    Interrupted? Run the same command again: it carries on where it stopped.
-    """
-    from postroom.outbox import Outbox
-    from postroom.resolve import replay as run_replay
-
-    filters = _selection(
-        ids,
-        every,
-        _filters(consumer, topic, error_type, text, reason, since, until),
-    )
-    bar, progress = _progress("replaying")
-    with bar:
-        report = run(
-            lambda s, e: run_replay(
-                e,
-                s.schema_name,
-                filters,
-                outbox=Outbox.from_settings(s),
-                actor=actor_or_user(actor),
-                dry_run=dry_run,
-                limit=limit,
-                rate=rate,
-                max_replays=max_replays,
-                force=force,
-                progress=progress,
-            )
-        )
-    _report(report, as_json)
-
-
-@dead_letters_app.command()
-def purge(
-    ids: Ids = None,
-    consumer: Consumer = None,
-    topic: Topic = None,
-    error_type: ErrorType = None,
-    text: Text = None,
-    reason: Reason = None,
-    since: Since = None,
-    until: Until = None,
-    every: All = False,
-    dry_run: DryRun = False,
-    yes: Annotated[bool, typer.Option("--yes", help="Confirm: really purge.")] = False,
-    limit: Limit = None,
-    actor: Actor = None,
-    as_json: Json = False,
-) -> None:
-    """Give up on dead letters: mark them purged (kept for the retention period, audited)."""
-    from postroom.resolve import purge as run_purge
-
-    filters = _selection(
-        ids,
-        every,
-        _filters(consumer, topic, error_type, text, reason, since, until),
-    )
-    if not (yes or dry_run):
-        fail("purge needs --yes (or --dry-run to see what it would purge)")
-    bar, progress = _progress("purging")
-    with bar:
-        report = run(
-            lambda s, e: run_purge(
-                e,
-                s.schema_name,
-                filters,
-                actor=actor_or_user(actor),
-                confirm=yes,
-                dry_run=dry_run,
-                limit=limit,
-                progress=progress,
-            )
-        )
-    _report(report, as_json)
+dead_letters_app.command()(cli_replay.replay)
+dead_letters_app.command()(cli_replay.edit)
+dead_letters_app.command()(cli_purge.purge)
+dead_letters_app.command()(cli_purge.unpurge)
+dead_letters_app.command()(cli_replay.status)

@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 outbox_app = typer.Typer(
-    no_args_is_help=True, help="Look at the outbox; retry or discard rows that wait."
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Look at the outbox; retry or discard rows that wait.",
 )
 
 Since = Annotated[
@@ -102,8 +104,10 @@ def print_table(
 
 
 def when(value: Any) -> str:
-    """A time, short: UTC to the second, as stored."""
-    return f"{value:%m-%d %H:%M:%S}"
+    """A time, short: UTC to the second."""
+    from datetime import UTC
+
+    return f"{value.astimezone(UTC):%m-%d %H:%M:%S}"
 
 
 @outbox_app.command()
@@ -114,7 +118,7 @@ def status(
     as_json: Json = False,
 ) -> None:
     """Show pending outbox rows per topic, the oldest one's wait and publish errors."""
-    from postroom.upkeep import outbox_status
+    from postroom.lag import outbox_status
 
     state = run(lambda s, e: outbox_status(e, s.schema_name))
     if as_json:
@@ -182,8 +186,8 @@ def prune(
 
     Safe beside running relays and workers: schedule it, hourly say.
     """
-    from postroom.upkeep import prune as run_prune
-    from postroom.upkeep import vacuum as run_vacuum
+    from postroom.prune import prune as run_prune
+    from postroom.prune import vacuum as run_vacuum
 
     async def work(settings: Settings, engine: AsyncEngine) -> Any:
         inbox = settings.inbox_retention_days if inbox_days is None else inbox_days
@@ -218,27 +222,47 @@ def prune(
 
 def audit(
     action: Annotated[
-        str | None, typer.Option(help="dead_letters.replay, dead_letters.purge or prune.")
+        str | None,
+        typer.Option(
+            help="dead_letters.replay, dead_letters.edit_replay, dead_letters.purge, "
+            "dead_letters.unpurge or prune."
+        ),
     ] = None,
     actor: Annotated[str | None, typer.Option(help="Only this actor's.")] = None,
     since: Since = None,
-    target: Annotated[int | None, typer.Option("--id", help="Only rows naming this id.")] = None,
+    target: Annotated[
+        int | None,
+        typer.Option("--id", help="Only rows naming this dead letter or its chain of replays."),
+    ] = None,
+    message_id: Annotated[
+        str | None,
+        typer.Option("--message-id", "-m", help="Only rows naming a dead letter of this message."),
+    ] = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run", help="Only this run (its first 8 characters will do).")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many rows.")] = 50,
     as_json: Json = False,
 ) -> None:
-    """List what the ops commands changed, who did it and when, newest first."""
-    from postroom.audit import Action, entries
-    from postroom.triage import parse_time
+    """List what the ops commands changed, who did it and when: one row per command run."""
+    from postroom.audit import entries
+    from postroom.filters import parse_time
 
-    if action is not None and action not in {a.value for a in Action}:
-        fail(f"unknown action {action!r}; known: {', '.join(a.value for a in Action)}")
     try:
         start = parse_time(since, name="--since") if since else None
     except PostroomError as exc:
         fail(str(exc))
     found = run(
         lambda s, e: entries(
-            e, s.schema_name, action=action, actor=actor, since=start, target=target, limit=limit
+            e,
+            s.schema_name,
+            action=action,
+            actor=actor,
+            since=start,
+            target=target,
+            run=run_id,
+            message_id=message_id,
+            limit=limit,
         )
     )
     if as_json:
@@ -249,24 +273,37 @@ def audit(
         ids = ", ".join(map(str, entry.target_ids[:8])) + (
             " ..." if len(entry.target_ids) > 8 else ""
         )
-        details = _flat(entry.details)
+        run_name = (entry.run or "")[:8]
         rows.append(
-            (entry.id, when(entry.at), entry.actor, entry.action, entry.count, ids, details)
+            (
+                entry.id,
+                when(entry.at),
+                entry.actor,
+                entry.action,
+                run_name,
+                entry.count,
+                ids,
+                _flat(entry.details),
+            )
         )
-    columns = ("id", "at", "actor", "action", "count", "ids", "details")
-    print_table(None, columns, rows, fixed=columns[:5])
+    columns = ("id", "at", "actor", "action", "run", "count", "ids", "details")
+    print_table(None, columns, rows, fixed=columns[:6])
 
 
-def _flat(details: Mapping[str, Any], prefix: str = "") -> str:
-    """Audit details on one line: ``run=8b52920e consumer=billing.x error_type=Timeout``."""
+def _flat(details: Mapping[str, Any]) -> str:
+    """Audit details on one line: the totals, then the parameters; never the batches."""
     parts = []
     for key, value in details.items():
+        if key in ("batches", "original_body", "edited_body") or value in (None, [], {}):
+            continue
         if isinstance(value, Mapping):
-            parts.append(_flat(value))
+            inner = _flat(value)
+            if inner:
+                parts.append(f"{key}: {inner};" if key in ("totals", "parameters") else inner)
         elif key == "run":
             parts.append(f"run={str(value)[:8]}")
         elif key == "rows" and isinstance(value, list):  # a discard's events: count only
             parts.append(f"rows={len(value)}")
-        elif not key.endswith("_before"):
+        elif not key.endswith("_before") and key != "finished_at":
             parts.append(f"{key}={json.dumps(value) if isinstance(value, list) else value}")
-    return " ".join(part for part in parts if part)
+    return " ".join(part for part in parts if part).rstrip(";")

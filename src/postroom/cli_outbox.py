@@ -52,8 +52,8 @@ def _filters(
     older_than: str | None,
     every: bool = False,
 ) -> RowFilters:
+    from postroom.filters import parse_time
     from postroom.pending import RowFilters
-    from postroom.triage import parse_time
 
     try:
         before = parse_time(older_than, name="--older-than") if older_than else None

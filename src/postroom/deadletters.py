@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import traceback as tb
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from postroom.message import json_safe
+from postroom.redaction import Redaction, mask
 from postroom.tables import dead_letters, schema_map
 
 MAX_TRACEBACK_CHARS = 8000
@@ -83,6 +84,21 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     if len(trace) > MAX_TRACEBACK_CHARS:
         trace = "...\n" + trace[-MAX_TRACEBACK_CHARS:]
     return kind, str(exc)[:MAX_MESSAGE_CHARS], trace
+
+
+def redact(letter: DeadLetter, redaction: Redaction | None) -> DeadLetter:
+    """Return *letter* with its body and headers redacted as its consumer declared."""
+    if redaction is None:
+        return letter
+    secrets = redaction.secrets(letter.body, letter.headers)
+    body, headers = redaction.apply(letter.body, letter.headers)
+    return replace(
+        letter,
+        body=body,
+        headers=headers,
+        error_message=mask(letter.error_message, secrets),
+        traceback=None if letter.traceback is None else mask(letter.traceback, secrets),
+    )
 
 
 async def record(session: AsyncSession, letter: DeadLetter, *, schema: str) -> bool:

@@ -71,7 +71,7 @@ def database_error(exc: BaseException, settings: Settings) -> PostroomError:
         if "no pg_hba.conf entry" in text and "no encryption" in text:
             hint = " (the server wants TLS: add sslmode=verify-full and sslrootcert)"
         return ConfigError(f"{where}: {text}; fix the user or password in {DATABASE_SETTING}{hint}")
-    if state in ("42P01", "3F000"):
+    if state in ("42P01", "3F000", "42703"):  # no table, schema or column: behind head
         return ConfigError(
             f"{where}: {text}; run `postroom migrate` (schema {settings.schema_name!r})"
         )

@@ -117,6 +117,10 @@ class InvalidFilterError(PostroomError):
     """An ops filter is malformed (a bad time, an unknown status or reason); nothing was done."""
 
 
+class InvalidEditError(PostroomError):
+    """An edited dead-letter body does not fit its consumer; nothing was replayed."""
+
+
 class UnknownDeadLetterError(PostroomError):
     """Ids given to an ops command name no dead letter; nothing was changed."""
 

@@ -157,7 +157,8 @@ async def write(
             delay=failure.delay,
         )
     elif failure.letter is not None:
-        await deadletters.record(session, failure.letter, schema=outbox.schema)
+        letter = deadletters.redact(failure.letter, consumer.redaction)
+        await deadletters.record(session, letter, schema=outbox.schema)
 
 
 def log_failure(failure: Failure, consumer: Consumer[Any]) -> None:

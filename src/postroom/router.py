@@ -9,13 +9,14 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from postroom.errors import PostroomError
 from postroom.events import Event, topic_of
 from postroom.message import HeaderValue, Message
+from postroom.redaction import Redaction
 from postroom.tracing import child_traceparent
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class Consumer(Generic[E]):
     ordered: bool = False
     publishes: tuple[type[Event], ...] = ()
     """Events the handler may publish; declared for documentation (``postroom asyncapi``)."""
+    redaction: Redaction | None = None
+    """What of a failed message is dropped or masked before it is stored as a dead letter."""
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -74,8 +77,10 @@ class Consumer(Generic[E]):
 class Router:
     """A set of consumers, declared with :meth:`consumer` and run by ``postroom worker``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, redact: Redaction | None = None) -> None:
+        """*redact* applies to every consumer that declares no redaction of its own."""
         self._consumers: dict[str, Consumer[Any]] = {}
+        self._redact = redact
 
     def consumer(
         self,
@@ -87,13 +92,15 @@ class Router:
         backoff_cap: timedelta = timedelta(minutes=5),
         ordered: bool = False,
         publishes: Sequence[type[Event]] = (),
+        redact: Redaction | None = None,
     ) -> Callable[[Handler[E]], Handler[E]]:
         """Register the decorated coroutine as consumer *name* of *event_type*.
 
         *ordered* consumers get a single-active-consumer queue and handle messages of one
         ordering key one at a time, in queue order (a retry still steps out of line).
         *publishes* lists the events the handler publishes, for the AsyncAPI document;
-        it is not enforced.
+        it is not enforced. *redact* says what of a failed message is dropped or masked
+        before it is stored as a dead letter (default: the router's).
         """
         if not _NAME.match(name):
             raise PostroomError(f"consumer name {name!r} must match {_NAME.pattern}")
@@ -103,11 +110,14 @@ class Router:
         for published in publishes:
             topic_of(published)
         policy = RetryPolicy(max_attempts=max_attempts, base=backoff, cap=backoff_cap)
+        redaction = redact or self._redact
 
         def register(handler: Handler[E]) -> Handler[E]:
             self._consumers[name] = Consumer(
                 name, event_type, handler, policy, ordered, tuple(publishes)
             )
+            if redaction is not None:
+                self._consumers[name] = replace(self._consumers[name], redaction=redaction)
             return handler
 
         return register

@@ -113,6 +113,8 @@ audit = Table(
     Column("target_ids", ARRAY(BigInteger), nullable=False),
     Column("count", Integer, nullable=False),
     Column("details", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("run", Text, nullable=True, comment="one row per command run, named by its run id"),
+    Index("uq_audit_run", "run", unique=True, postgresql_where=text("run IS NOT NULL")),
 )
 
 
