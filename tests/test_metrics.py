@@ -46,6 +46,7 @@ EXPECTED_FAMILIES = {
     "postroom_outbox_oldest_pending_age_seconds": "gauge",
     "postroom_outbox_errored_messages": "gauge",
     "postroom_outbox_last_poll_timestamp_seconds": "gauge",
+    "postroom_outbox_unroutable_messages": "gauge",
     "postroom_relay_published": "counter",
     "postroom_relay_failed": "counter",
     "postroom_relay_unroutable": "counter",
@@ -53,7 +54,10 @@ EXPECTED_FAMILIES = {
     "postroom_relay_batch_duration_seconds": "histogram",
     "postroom_consumer_messages": "counter",
     "postroom_handler_duration_seconds": "histogram",
+    "postroom_delivery_latency_seconds": "histogram",
     "postroom_handlers_in_flight": "gauge",
+    "postroom_queue_messages_ready": "gauge",
+    "postroom_ready": "gauge",
     "postroom_connection_up": "gauge",
     "postroom_event_loop_lag_seconds": "gauge",
 }

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,6 +38,8 @@ from postroom.settings import Settings, redact_url
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
 
+    from postroom.metrics import DeliveryLatency
+
 log = structlog.get_logger("postroom.worker")
 
 
@@ -49,6 +51,8 @@ class Metrics(Protocol):
     def inflight(self, consumer: str) -> contextlib.AbstractContextManager[None]: ...
 
     def connected(self, *, component: str, peer: str, up: bool) -> None: ...
+
+    def latency(self, consumers: Mapping[str, Iterable[str]]) -> DeliveryLatency: ...
 
 
 class _Outage(Exception):
@@ -83,6 +87,7 @@ class Worker:
         self._settings = settings
         self._router = router
         self._metrics = metrics
+        self._latency = metrics.latency({c.name: c.topics for c in router}) if metrics else None
         self._name = name
         self._semaphore = asyncio.Semaphore(settings.worker_concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
@@ -364,6 +369,8 @@ class Worker:
                 outcome=result.outcome.value,
                 seconds=seconds,
             )
+        if self._latency is not None:
+            self._latency.observe(consumer.name, result)
         # Successes at DEBUG: a JSON line per message cost ~10% of a worker's CPU, and the
         # metrics count them; failures were logged when their outcome was written.
         quiet = result.outcome in (Outcome.ACKED, Outcome.DUPLICATE)
