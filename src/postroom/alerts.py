@@ -106,8 +106,9 @@ def alerts(t: Thresholds) -> list[Alert]:
             duration="5m",
             severity="critical",
             summary="No relay is connected: nothing is delivered from the outbox.",
-            description="The outbox is watched (workers report it) but no relay reports a "
-            "broker connection, or no relay reports at all.",
+            description="{{ with $labels.component }}No relay reports metrics: none is running "
+            "or none is scraped.{{ else }}Workers report the outbox, but no relay reports a "
+            "broker connection: relays are down, crash-looping or cannot connect.{{ end }}",
             anchor="postroomrelaydown",
         ),
         Alert(
@@ -141,8 +142,9 @@ def alerts(t: Thresholds) -> list[Alert]:
             duration="5m",
             severity="warning",
             summary="A worker is not ready (not consuming), or no worker reports.",
-            description="/readyz of {{ $labels.instance }} has failed for 5 minutes: it cannot "
-            "reach the database or the broker, or it keeps reconnecting.",
+            description="{{ with $labels.instance }}Worker {{ . }} has not been ready for 5 "
+            "minutes: it cannot reach the database or the broker, or keeps reconnecting."
+            "{{ else }}No worker reports metrics: none is running or none is scraped.{{ end }}",
             anchor="postroomworkernotready",
         ),
         Alert(
