@@ -213,3 +213,55 @@ async def test_relay_metrics_move_as_messages_flow(settings, sessions, amqp, nam
         if not released:
             await hold.rollback()
         await holder.close()
+
+
+def test_delivery_latency_keeps_retries_and_replays_apart_and_counts_commits_only():
+    from datetime import UTC, datetime
+
+    from postroom.failures import Outcome, Result
+
+    metrics = Metrics()
+    latency = metrics.latency({"billing": ("shop.paid",)})
+    now = datetime.now(UTC)
+    hour_ago = now - timedelta(hours=1)
+
+    def result(outcome: Outcome, *, attempt: int = 1, replayed: bool = False, at=now) -> Result:
+        return Result(outcome, "id", "shop.paid", attempt, occurred_at=at, replayed=replayed)
+
+    latency.observe("billing", result(Outcome.ACKED))
+    latency.observe("billing", result(Outcome.ACKED, attempt=3, at=hour_ago))
+    latency.observe("billing", result(Outcome.ACKED, replayed=True, at=hour_ago))
+    for skipped in (Outcome.DUPLICATE, Outcome.RETRY, Outcome.DEAD):
+        latency.observe("billing", result(skipped))
+    text = exposition(metrics)
+    name = "postroom_delivery_latency_seconds"
+    for delivery in ("first", "retry", "replay"):
+        assert value(text, f"{name}_count", consumer="billing", delivery=delivery) == 1
+    assert value(text, f"{name}_bucket", consumer="billing", delivery="first", le="1.0") == 1
+    assert value(text, f"{name}_bucket", consumer="billing", delivery="retry", le="1800.0") == 0
+    # Outcome counters exist at zero before anything happened: a first dead letter is an
+    # increase Prometheus can see.
+    labels = {"consumer": "billing", "topic": "shop.paid"}
+    assert value(text, "postroom_consumer_messages_total", outcome="dead", **labels) == 0
+
+
+async def test_failed_rows_count_as_lag_and_unroutable_ones_are_counted(settings, sessions):
+    box = Outbox.from_settings(settings)
+    async with sessions() as session, session.begin():
+        await box.publish(session, Sampled(n=1))
+    outbox = f'"{settings.schema_name}".outbox'
+    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    try:
+        # What the relay does with a returned message: error kept, pushed back past now.
+        await conn.execute(
+            f"UPDATE {outbox} SET last_error = 'unroutable (no queue bound): 312 NO_ROUTE', "
+            "available_at = now() + interval '5 minutes', created_at = now() - interval '90 s'"
+        )
+        state = await read_state(conn, settings.schema_name)
+        assert (state.pending, state.errored, state.unroutable) == (0, 1, 1)
+        assert 90 <= state.oldest_age_seconds < 120, "a failed row is lag, not an empty outbox"
+        await conn.execute(f"UPDATE {outbox} SET last_error = 'nacked by the broker'")
+        state = await read_state(conn, settings.schema_name)
+        assert (state.errored, state.unroutable) == (1, 0)
+    finally:
+        await conn.close()

@@ -140,7 +140,7 @@ def test_thresholds_are_parameters(promtool, tmp_path):
         run_promtool(promtool, "test", "rules", test_file)
 
     kube = CliRunner().invoke(app, ["monitoring", "rules", "--format", "kubernetes"])
-    assert kube.exit_code == 0 and "kind: \"PrometheusRule\"" in kube.output
+    assert kube.exit_code == 0 and 'kind: "PrometheusRule"' in kube.output
 
 
 def test_dashboard_follows_the_path_with_a_datasource_variable_and_no_job(promtool, tmp_path):
