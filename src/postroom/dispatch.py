@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from postroom import faults, inbox
+from postroom import faults, inbox, tracing
 from postroom.deadletters import DeadReason
 from postroom.errors import DecodeError, DeliveryLimitExceededError, UnknownTopicError
 from postroom.events import Event
@@ -195,7 +195,15 @@ async def _run_handler(
         session=session, message=decoded.message, consumer=consumer.name, outbox=pipeline.outbox
     )
     faults.crash_point(pipeline.crash_at, faults.WORKER_IN_HANDLER)
-    await consumer.handler(decoded.event, context)
+    message = decoded.message
+    with tracing.processing(
+        consumer=consumer.name,
+        message_id=str(message.message_id),
+        topic=message.topic,
+        traceparent=message.traceparent,
+        attempt=message.attempt,
+    ):
+        await consumer.handler(decoded.event, context)
 
 
 async def _settle_alone(failure: Failure, consumer: Consumer[Any], pipeline: Pipeline) -> Result:

@@ -25,7 +25,7 @@ import asyncpg
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
-from postroom import faults, rabbit
+from postroom import faults, rabbit, tracing
 from postroom.metrics import Metrics
 from postroom.outage import is_outage
 from postroom.outbox import RELAY_PRESENCE, notify_channel, relay_presence_key
@@ -228,7 +228,9 @@ class Relay:
             if not rows:
                 return 0
             outgoing = [self._outgoing(row) for row in rows]
-            outcomes = await publisher.publish_many(outgoing)
+            with tracing.sending(outgoing) as sending:  # producer spans, if OpenTelemetry
+                outcomes = await publisher.publish_many(sending.messages)
+                sending.settle(outcomes)
             faults.crash_point(settings.crash_at, faults.RELAY_AFTER_CONFIRM)
             done = [row["id"] for row, error in zip(rows, outcomes, strict=True) if error is None]
             failed = [

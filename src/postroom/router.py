@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from postroom.errors import PostroomError
 from postroom.events import Event, topic_of
 from postroom.message import HeaderValue, Message
-from postroom.tracing import child_traceparent
+from postroom.tracing import child_traceparent, current_traceparent
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -165,5 +165,6 @@ class Context:
             headers=headers,
             correlation_id=incoming.correlation_id or str(incoming.message_id),
             causation_id=str(incoming.message_id),
-            traceparent=child_traceparent(incoming.traceparent),
+            # The handler's span (OpenTelemetry), else the incoming trace continued.
+            traceparent=current_traceparent() or child_traceparent(incoming.traceparent),
         )
