@@ -45,6 +45,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._handled: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         r = self.registry
         self.outbox_pending = Gauge(
             "postroom_outbox_pending_messages",
@@ -214,9 +215,17 @@ class Metrics:
 
     def handled(self, *, consumer: str, topic: str, outcome: str, seconds: float) -> None:
         """Record one finished delivery of *consumer*; *outcome* is one of :data:`OUTCOMES`."""
-        _check(outcome, OUTCOMES, "outcome")
-        self.consumer_messages.labels(consumer, topic, outcome).inc()
-        self.handler_seconds.labels(consumer).observe(seconds)
+        # Per message: one dict lookup, not two label resolutions (each takes a lock).
+        children = self._handled.get((consumer, topic, outcome))
+        if children is None:
+            _check(outcome, OUTCOMES, "outcome")
+            children = (
+                self.consumer_messages.labels(consumer, topic, outcome),
+                self.handler_seconds.labels(consumer),
+            )
+            self._handled[consumer, topic, outcome] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     @contextlib.contextmanager
     def inflight(self, consumer: str) -> Iterator[None]:

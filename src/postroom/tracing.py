@@ -82,9 +82,12 @@ def _otel() -> Any:
 def _tracer() -> Any:
     """Return postroom's tracer if a real tracer provider is configured, else None."""
     trace = _otel()
-    if trace is None or isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+    if trace is None:
+        return None
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider):
         return None  # no SDK configured: spans would record nothing, skip the work
-    return _cached_tracer(trace.get_tracer_provider())
+    return _cached_tracer(provider)
 
 
 @functools.lru_cache(maxsize=4)
@@ -129,10 +132,12 @@ def _parent(traceparent: str | None) -> Any:
     return trace.set_span_in_context(trace.NonRecordingSpan(remote))
 
 
-@contextlib.contextmanager
+_NOT_TRACED = contextlib.nullcontext()
+
+
 def processing(
     *, consumer: str, message_id: str, topic: str, traceparent: str | None, attempt: int
-) -> Iterator[None]:
+) -> contextlib.AbstractContextManager[Any]:
     """Run the block (a handler) inside a consumer span, child of the message's trace.
 
     The span is current for the block, so the handler's own spans nest under it and the
@@ -141,10 +146,9 @@ def processing(
     """
     tracer = _tracer()
     if tracer is None:
-        yield
-        return
+        return _NOT_TRACED  # the hot path without tracing: no generator, no span
     trace = _otel()
-    with tracer.start_as_current_span(
+    span: contextlib.AbstractContextManager[Any] = tracer.start_as_current_span(
         f"process {consumer}",
         context=_parent(traceparent),
         kind=trace.SpanKind.CONSUMER,
@@ -158,8 +162,8 @@ def processing(
             "messaging.message.id": message_id,
             "postroom.attempt": attempt,
         },
-    ):
-        yield
+    )
+    return span
 
 
 class Sending(Generic[_S]):
