@@ -202,8 +202,12 @@ async def test_relay_metrics_move_as_messages_flow(settings, sessions, amqp, nam
             async with sessions() as session, session.begin():
                 await box.publish(session, Unheard(n=1))
             text = await until("postroom_outbox_errored_messages", 1)
+            text = await until("postroom_outbox_unroutable_messages", 1)
             assert value(text, "postroom_relay_failed_total", topic="metrics.unheard") >= 1
             assert value(text, "postroom_relay_unroutable_total", topic="metrics.unheard") >= 1
+            # Pushed back past now, the row is not due; it still counts as lag.
+            assert value(text, "postroom_outbox_pending_messages") == 0
+            assert value(text, "postroom_outbox_oldest_pending_age_seconds") > 0
             assert value(text, "postroom_relay_published_total", topic="metrics.sampled") == 30
             assert value(text, "postroom_relay_published_total", topic="metrics.unheard") is None
 
@@ -265,3 +269,32 @@ async def test_failed_rows_count_as_lag_and_unroutable_ones_are_counted(settings
         assert (state.errored, state.unroutable) == (1, 0)
     finally:
         await conn.close()
+
+
+async def test_queue_watch_counts_ready_messages_and_skips_missing_queues(settings, amqp, names):
+    import aio_pika
+
+    from postroom import queues
+
+    queue = await bind_queue(amqp, settings.exchange, ["metrics.sampled"], f"q.{names}")
+    channel = await amqp.channel()
+    for _ in range(3):
+        await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=queue)
+    metrics = Metrics()
+    stop = asyncio.Event()
+    fast = settings.model_copy(update={"metrics_interval": 0.1})
+    watching = asyncio.create_task(queues.watch(fast, [queue, f"missing.{names}"], metrics, stop))
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while value(exposition(metrics), "postroom_queue_messages_ready", consumer=queue) != 3:
+            assert loop.time() < deadline, exposition(metrics)
+            assert not watching.done(), watching
+            await asyncio.sleep(0.05)
+        missing = value(exposition(metrics), "postroom_queue_messages_ready",
+                        consumer=f"missing.{names}")  # fmt: skip
+        assert missing is None, "a queue that does not exist is not reported"
+    finally:
+        stop.set()
+        await asyncio.wait_for(watching, 10)
+        await channel.close()
