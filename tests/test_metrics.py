@@ -298,3 +298,62 @@ async def test_queue_watch_counts_ready_messages_and_skips_missing_queues(settin
         stop.set()
         await asyncio.wait_for(watching, 10)
         await channel.close()
+
+
+async def test_a_relay_blocked_by_a_broker_alarm_shows_as_lag_growing(
+    settings, sessions, names, tmp_path
+):
+    """Up, connected, and delivering nothing: the lag must say so, not look healthy."""
+    import aio_pika
+    from pydantic import SecretStr
+
+    from tests.faults import servers
+
+    rabbit = servers.PrivateRabbit()
+    try:
+        await rabbit.start()
+        url = await rabbit.add_vhost(f"postroom-alarm-{names}")
+        private = settings.model_copy(update={"amqp_url": SecretStr(url)})
+        connection = await aio_pika.connect(url)
+        try:
+            await bind_queue(connection, private.exchange, ["metrics.sampled"], f"q.{names}")
+        finally:
+            await connection.close()
+        box = Outbox.from_settings(private)
+        async with served_relay(
+            private, tmp_path / "relay.log", POSTROOM_METRICS_INTERVAL="0.2"
+        ) as relay:
+
+            async def until(check, what: str) -> str:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 30
+                while True:
+                    status, body = await relay.status("/metrics")
+                    text = body.decode()
+                    if status == 200 and check(text):
+                        return text
+                    assert loop.time() < deadline, f"{what}\n{text[-1500:]}\n{relay.log()}"
+                    await asyncio.sleep(0.1)
+
+            def lag(text: str) -> float:
+                return value(text, "postroom_outbox_oldest_pending_age_seconds") or 0.0
+
+            def connected(text: str) -> bool:
+                return value(text, "postroom_connection_up", component="relay", peer="broker") == 1
+
+            await until(connected, "the relay connects")
+            async with rabbit.memory_alarm():
+                async with sessions() as session, session.begin():
+                    for n in range(5):
+                        await box.publish(session, Sampled(n=n))
+                text = await until(lambda t: lag(t) > 0.5, "lag shows")
+                first = lag(text)
+                text = await until(lambda t: lag(t) >= first + 1.5, "lag grows")
+                assert value(text, "postroom_outbox_pending_messages") == 5
+                assert connected(text), "the relay is up: only the lag tells"
+                published = "postroom_relay_published_total"
+                assert value(text, published, topic="metrics.sampled") is None
+            text = await until(lambda t: lag(t) == 0, "the backlog drains after the alarm")
+            assert value(text, "postroom_outbox_pending_messages") == 0
+    finally:
+        await rabbit.destroy()
