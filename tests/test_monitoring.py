@@ -215,3 +215,21 @@ def _anchors(markdown: str) -> set[str]:
             slug = re.sub(r"[^\w\- ]", "", match[1].strip().lower()).replace(" ", "-")
             found.add(slug)
     return found
+
+
+def test_every_metric_is_in_the_reference():
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from postroom.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.readiness("worker", lambda: None)
+    families = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        if not family.name.endswith("_created")
+    }
+    text = OPERATIONS.read_text()
+    missing = sorted(name for name in families if f"| `{name}` |" not in text)
+    assert not missing, f"docs/operations.md#metrics-reference lacks {missing}"
