@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -79,26 +80,49 @@ def _otel() -> Any:
     return trace
 
 
-def _tracer() -> Any:
-    """Return postroom's tracer if a real tracer provider is configured, else None."""
-    trace = _otel()
-    if trace is None:
-        return None
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, trace.ProxyTracerProvider):
-        return None  # no SDK configured: spans would record nothing, skip the work
-    return _cached_tracer(provider)
+class _TracerCache:
+    """postroom's tracer, once OpenTelemetry has a real (SDK) tracer provider.
+
+    Asking OpenTelemetry for its provider costs microseconds per call, on the path of every
+    message; a global provider is set once and never unset, so a tracer found is kept,
+    and while there is none the question is asked at most once a second (a provider set
+    after start-up is used from the next second on).
+    """
+
+    RECHECK_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self.tracer: Any = None
+        self.next_check = 0.0
+
+    def get(self) -> Any:
+        if self.tracer is not None:
+            return self.tracer
+        now = time.monotonic()
+        if now < self.next_check:
+            return None
+        self.next_check = now + self.RECHECK_SECONDS
+        trace = _otel()
+        if trace is None:
+            return None
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, trace.ProxyTracerProvider):
+            return None  # no SDK configured: spans would record nothing, skip the work
+        self.tracer = provider.get_tracer(TRACER_NAME, _release())
+        return self.tracer
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_tracer(provider: Any) -> Any:
+def _release() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        release = version("postroom")
+        return version("postroom")
     except PackageNotFoundError:
-        release = None
-    return provider.get_tracer(TRACER_NAME, release)
+        return None
+
+
+_TRACERS = _TracerCache()
+_tracer = _TRACERS.get
 
 
 def current_traceparent() -> str | None:
