@@ -76,12 +76,17 @@ async def read_state(db: asyncpg.Connection[Any], schema: str) -> OutboxState:
     )
 
 
-async def watch(settings: Settings, metrics: Metrics, stop: asyncio.Event) -> None:
+async def watch(
+    settings: Settings, metrics: Metrics, stop: asyncio.Event, *, hold_connection: bool = True
+) -> None:
     """Refresh *metrics*' outbox gauges every ``settings.metrics_interval`` until *stop*.
 
     Never raises for a failed look: these are gauges, not the delivery path, so a database
     outage or a missing table is logged, the connection dropped and the look tried again
     next interval (``postroom_outbox_last_poll_timestamp_seconds`` then goes stale).
+    With *hold_connection* False (workers: many replicas, each with its own pool) the
+    connection is opened for each look and closed after it, so watching costs no
+    connection slot between looks.
     """
     db: asyncpg.Connection[Any] | None = None
     try:
@@ -100,6 +105,9 @@ async def watch(settings: Settings, metrics: Metrics, stop: asyncio.Event) -> No
                     errored=state.errored,
                     unroutable=state.unroutable,
                 )
+                if not hold_connection:
+                    await _close(db)
+                    db = None
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("backlog.poll_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 await _close(db)
