@@ -13,8 +13,8 @@ from typer.core import TyperGroup
 
 from postroom import cli_ops, cli_outbox
 from postroom.cli_dead_letters import dead_letters_app
-from postroom.cli_topology import topology_app
 from postroom.cli_monitoring import monitoring_app
+from postroom.cli_topology import topology_app
 from postroom.errors import ConfigError, PostroomError
 from postroom.settings import Settings
 
