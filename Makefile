@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench services
+.PHONY: demo test lint bench services monitoring-tools
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,14 @@ $(BIN)/.installed: pyproject.toml
 services:
 	@scripts/ensure-services
 
+# promtool and prometheus (Debian's package) for the alert-rule and scrape tests.
+monitoring-tools:
+	@scripts/ensure-prometheus
+
 demo: $(BIN)/.installed services
 	$(BIN)/postroom demo
 
-test: $(BIN)/.installed services
+test: $(BIN)/.installed services monitoring-tools
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports

@@ -46,6 +46,7 @@ EXPECTED_FAMILIES = {
     "postroom_outbox_oldest_pending_age_seconds": "gauge",
     "postroom_outbox_errored_messages": "gauge",
     "postroom_outbox_last_poll_timestamp_seconds": "gauge",
+    "postroom_outbox_unroutable_messages": "gauge",
     "postroom_relay_published": "counter",
     "postroom_relay_failed": "counter",
     "postroom_relay_unroutable": "counter",
@@ -57,7 +58,10 @@ EXPECTED_FAMILIES = {
     "postroom_consumer_requeued": "counter",
     "postroom_reconnects": "counter",
     "postroom_bugs": "counter",
+    "postroom_delivery_latency_seconds": "histogram",
     "postroom_handlers_in_flight": "gauge",
+    "postroom_queue_messages_ready": "gauge",
+    "postroom_ready": "gauge",
     "postroom_connection_up": "gauge",
     "postroom_event_loop_lag_seconds": "gauge",
 }
@@ -202,8 +206,12 @@ async def test_relay_metrics_move_as_messages_flow(settings, sessions, amqp, nam
             async with sessions() as session, session.begin():
                 await box.publish(session, Unheard(n=1))
             text = await until("postroom_outbox_errored_messages", 1)
+            text = await until("postroom_outbox_unroutable_messages", 1)
             assert value(text, "postroom_relay_failed_total", topic="metrics.unheard") >= 1
             assert value(text, "postroom_relay_unroutable_total", topic="metrics.unheard") >= 1
+            # Pushed back past now, the row is not due; it still counts as lag.
+            assert value(text, "postroom_outbox_pending_messages") == 0
+            assert value(text, "postroom_outbox_oldest_pending_age_seconds") > 0
             assert value(text, "postroom_relay_published_total", topic="metrics.sampled") == 30
             assert value(text, "postroom_relay_published_total", topic="metrics.unheard") is None
 
@@ -213,3 +221,143 @@ async def test_relay_metrics_move_as_messages_flow(settings, sessions, amqp, nam
         if not released:
             await hold.rollback()
         await holder.close()
+
+
+def test_delivery_latency_keeps_retries_and_replays_apart_and_counts_commits_only():
+    from datetime import UTC, datetime
+
+    from postroom.failures import Outcome, Result
+
+    metrics = Metrics()
+    latency = metrics.latency({"billing": ("shop.paid",)})
+    now = datetime.now(UTC)
+    hour_ago = now - timedelta(hours=1)
+
+    def result(outcome: Outcome, *, attempt: int = 1, replayed: bool = False, at=now) -> Result:
+        return Result(outcome, "id", "shop.paid", attempt, occurred_at=at, replayed=replayed)
+
+    latency.observe("billing", result(Outcome.ACKED))
+    latency.observe("billing", result(Outcome.ACKED, attempt=3, at=hour_ago))
+    latency.observe("billing", result(Outcome.ACKED, replayed=True, at=hour_ago))
+    for skipped in (Outcome.DUPLICATE, Outcome.RETRY, Outcome.DEAD):
+        latency.observe("billing", result(skipped))
+    text = exposition(metrics)
+    name = "postroom_delivery_latency_seconds"
+    for delivery in ("first", "retry", "replay"):
+        assert value(text, f"{name}_count", consumer="billing", delivery=delivery) == 1
+    assert value(text, f"{name}_bucket", consumer="billing", delivery="first", le="1.0") == 1
+    assert value(text, f"{name}_bucket", consumer="billing", delivery="retry", le="1800.0") == 0
+    # Outcome counters exist at zero before anything happened: a first dead letter is an
+    # increase Prometheus can see.
+    labels = {"consumer": "billing", "topic": "shop.paid"}
+    assert value(text, "postroom_consumer_messages_total", outcome="dead", **labels) == 0
+
+
+async def test_failed_rows_count_as_lag_and_unroutable_ones_are_counted(settings, sessions):
+    box = Outbox.from_settings(settings)
+    async with sessions() as session, session.begin():
+        await box.publish(session, Sampled(n=1))
+    outbox = f'"{settings.schema_name}".outbox'
+    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    try:
+        # What the relay does with a returned message: error kept, pushed back past now.
+        await conn.execute(
+            f"UPDATE {outbox} SET last_error = 'unroutable (no queue bound): 312 NO_ROUTE', "
+            "available_at = now() + interval '5 minutes', created_at = now() - interval '90 s'"
+        )
+        state = await read_state(conn, settings.schema_name)
+        assert (state.pending, state.errored, state.unroutable) == (0, 1, 1)
+        assert 90 <= state.oldest_age_seconds < 120, "a failed row is lag, not an empty outbox"
+        await conn.execute(f"UPDATE {outbox} SET last_error = 'nacked by the broker'")
+        state = await read_state(conn, settings.schema_name)
+        assert (state.errored, state.unroutable) == (1, 0)
+    finally:
+        await conn.close()
+
+
+async def test_queue_watch_counts_ready_messages_and_skips_missing_queues(settings, amqp, names):
+    import aio_pika
+
+    from postroom import queues
+
+    queue = await bind_queue(amqp, settings.exchange, ["metrics.sampled"], f"q.{names}")
+    channel = await amqp.channel()
+    for _ in range(3):
+        await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=queue)
+    metrics = Metrics()
+    stop = asyncio.Event()
+    fast = settings.model_copy(update={"metrics_interval": 0.1})
+    watching = asyncio.create_task(queues.watch(fast, [queue, f"missing.{names}"], metrics, stop))
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while value(exposition(metrics), "postroom_queue_messages_ready", consumer=queue) != 3:
+            assert loop.time() < deadline, exposition(metrics)
+            assert not watching.done(), watching
+            await asyncio.sleep(0.05)
+        missing = value(exposition(metrics), "postroom_queue_messages_ready",
+                        consumer=f"missing.{names}")  # fmt: skip
+        assert missing is None, "a queue that does not exist is not reported"
+    finally:
+        stop.set()
+        await asyncio.wait_for(watching, 10)
+        await channel.close()
+
+
+async def test_a_relay_blocked_by_a_broker_alarm_shows_as_lag_growing(
+    settings, sessions, names, tmp_path
+):
+    """Up, connected, and delivering nothing: the lag must say so, not look healthy."""
+    import aio_pika
+    from pydantic import SecretStr
+
+    from tests.faults import servers
+
+    rabbit = servers.PrivateRabbit()
+    try:
+        await rabbit.start()
+        url = await rabbit.add_vhost(f"postroom-alarm-{names}")
+        private = settings.model_copy(update={"amqp_url": SecretStr(url)})
+        connection = await aio_pika.connect(url)
+        try:
+            await bind_queue(connection, private.exchange, ["metrics.sampled"], f"q.{names}")
+        finally:
+            await connection.close()
+        box = Outbox.from_settings(private)
+        async with served_relay(
+            private, tmp_path / "relay.log", POSTROOM_METRICS_INTERVAL="0.2"
+        ) as relay:
+
+            async def until(check, what: str) -> str:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 30
+                while True:
+                    status, body = await relay.status("/metrics")
+                    text = body.decode()
+                    if status == 200 and check(text):
+                        return text
+                    assert loop.time() < deadline, f"{what}\n{text[-1500:]}\n{relay.log()}"
+                    await asyncio.sleep(0.1)
+
+            def lag(text: str) -> float:
+                return value(text, "postroom_outbox_oldest_pending_age_seconds") or 0.0
+
+            def connected(text: str) -> bool:
+                return value(text, "postroom_connection_up", component="relay", peer="broker") == 1
+
+            await until(connected, "the relay connects")
+            async with rabbit.memory_alarm():
+                async with sessions() as session, session.begin():
+                    for n in range(5):
+                        await box.publish(session, Sampled(n=n))
+                text = await until(lambda t: lag(t) > 0.5, "lag shows")
+                first = lag(text)
+                text = await until(lambda t: lag(t) >= first + 1.5, "lag grows")
+                assert value(text, "postroom_outbox_pending_messages") == 5
+                assert connected(text), "the relay is up: only the lag tells"
+                published = "postroom_relay_published_total"
+                assert value(text, published, topic="metrics.sampled") is None
+            text = await until(lambda t: lag(t) == 0, "the backlog drains after the alarm")
+            assert value(text, "postroom_outbox_pending_messages") == 0
+    finally:
+        await rabbit.destroy()

@@ -1,8 +1,15 @@
 """Watch the outbox backlog: due rows, the oldest one's age (the lag SLO) and errored rows.
 
-Runs beside the relay on a connection of its own, one aggregate query per interval. The
-gauges describe the whole outbox, whichever relay replica publishes it, so every replica
-reports the same values: alert on ``max``, not ``sum``.
+Runs in every relay AND every worker process, on a connection of its own, one aggregate
+query per interval: the lag must stay visible exactly when no relay runs (all crashed,
+crash-looping, scaled to zero), and workers run beside the same database. The gauges
+describe the whole outbox, whoever reports them, so every process reports the same
+values: alert on ``max``, not ``sum``.
+
+Lag counts what a relay failed to deliver, not only what waits for one: a row whose
+publish failed (unroutable, refused) is rescheduled with a backoff, so it is not "due"
+most of the time; its age is counted from when it was written, so a relay that is up but
+cannot deliver shows as lag growing, never as an empty outbox.
 """
 
 from __future__ import annotations
@@ -34,36 +41,52 @@ class OutboxState:
     """How long the oldest due row has been due; 0 when none is."""
     errored: int
     """Rows whose last publish attempt failed, due or not."""
+    unroutable: int = 0
+    """Errored rows the broker returned because no queue is bound for their routing key."""
+
+
+UNROUTABLE_PREFIX = "unroutable"
+"""How the relay's error for a returned (unroutable) message starts (rabbit.Unroutable)."""
 
 
 def _state_sql(schema: str) -> str:
     outbox = qualified(schema, "outbox")
+    # Waiting since: when it became due, or, for a row whose publish failed (and was
+    # pushed back), when it was written.
+    since = "CASE WHEN last_error IS NULL THEN available_at ELSE created_at END"
     return (
         "SELECT count(*) FILTER (WHERE available_at <= now()) AS pending, "  # noqa: S608
-        "coalesce(extract(epoch FROM now() - min(available_at) "
-        "FILTER (WHERE available_at <= now())), 0)::float8 AS oldest, "
-        "count(*) FILTER (WHERE last_error IS NOT NULL) AS errored "
+        f"coalesce(extract(epoch FROM now() - min({since}) "
+        "FILTER (WHERE available_at <= now() OR last_error IS NOT NULL)), 0)::float8 AS oldest, "
+        "count(*) FILTER (WHERE last_error IS NOT NULL) AS errored, "
+        "count(*) FILTER (WHERE starts_with(last_error, $1)) AS unroutable "
         f"FROM {outbox}"
     )
 
 
 async def read_state(db: asyncpg.Connection[Any], schema: str) -> OutboxState:
     """Return the outbox of *schema* as seen by one query on *db*."""
-    row = await db.fetchrow(_state_sql(schema), timeout=QUERY_TIMEOUT)
+    row = await db.fetchrow(_state_sql(schema), UNROUTABLE_PREFIX, timeout=QUERY_TIMEOUT)
     assert row is not None  # an aggregate always returns one row
     return OutboxState(
         pending=int(row["pending"]),
         oldest_age_seconds=max(0.0, float(row["oldest"])),
         errored=int(row["errored"]),
+        unroutable=int(row["unroutable"]),
     )
 
 
-async def watch(settings: Settings, metrics: Metrics, stop: asyncio.Event) -> None:
+async def watch(
+    settings: Settings, metrics: Metrics, stop: asyncio.Event, *, hold_connection: bool = True
+) -> None:
     """Refresh *metrics*' outbox gauges every ``settings.metrics_interval`` until *stop*.
 
     Never raises for a failed look: these are gauges, not the delivery path, so a database
     outage or a missing table is logged, the connection dropped and the look tried again
     next interval (``postroom_outbox_last_poll_timestamp_seconds`` then goes stale).
+    With *hold_connection* False (workers: many replicas, each with its own pool) the
+    connection is opened for each look and closed after it, so watching costs no
+    connection slot between looks.
     """
     db: asyncpg.Connection[Any] | None = None
     try:
@@ -80,7 +103,11 @@ async def watch(settings: Settings, metrics: Metrics, stop: asyncio.Event) -> No
                     pending=state.pending,
                     oldest_age_seconds=state.oldest_age_seconds,
                     errored=state.errored,
+                    unroutable=state.unroutable,
                 )
+                if not hold_connection:
+                    await _close(db)
+                    db = None
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("backlog.poll_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 await _close(db)

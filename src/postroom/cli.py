@@ -13,6 +13,7 @@ from typer.core import TyperGroup
 
 from postroom import cli_ops, cli_outbox
 from postroom.cli_dead_letters import dead_letters_app
+from postroom.cli_monitoring import monitoring_app
 from postroom.cli_topology import topology_app
 from postroom.errors import ConfigError, PostroomError
 from postroom.settings import Settings
@@ -321,6 +322,7 @@ cli_ops.outbox_app.command("show")(cli_outbox.show_row)
 cli_ops.outbox_app.command()(cli_outbox.retry)
 cli_ops.outbox_app.command()(cli_outbox.discard)
 app.add_typer(topology_app, name="topology")
+app.add_typer(monitoring_app, name="monitoring")
 app.command()(cli_ops.prune)
 app.command()(cli_ops.audit)
 

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from postroom import faults, inbox
+from postroom import faults, inbox, tracing
 from postroom.deadletters import DeadReason
 from postroom.errors import DecodeError, DeliveryLimitExceededError, UnknownTopicError
 from postroom.events import Event
@@ -238,10 +238,18 @@ async def _run_handler(
         outbox=pipeline.outbox,
         sessions=pipeline.sessions,
     )
+    message = decoded.message
     try:
         faults.crash_point(pipeline.crash_at, faults.WORKER_IN_HANDLER)
-        await consumer.handler(decoded.event, context)
-        await context.flush()
+        with tracing.processing(
+            consumer=consumer.name,
+            message_id=str(message.message_id),
+            topic=message.topic,
+            traceparent=message.traceparent,
+            attempt=message.attempt,
+        ):
+            await consumer.handler(decoded.event, context)
+            await context.flush()
     finally:
         await context.release()
 

@@ -19,7 +19,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from postroom import deadletters
 from postroom.deadletters import DeadLetter, DeadReason
 from postroom.errors import Reject
-from postroom.message import H_CONSUMER, H_FIRST_FAILED, H_LAST_ERROR, Delivery, Message, json_safe
+from postroom.message import (
+    H_CONSUMER,
+    H_FIRST_FAILED,
+    H_LAST_ERROR,
+    H_REPLAYS,
+    Delivery,
+    Message,
+    json_safe,
+)
 from postroom.outbox import Outbox
 from postroom.router import Consumer
 
@@ -51,6 +59,10 @@ class Result:
     attempt: int
     reason: DeadReason | None = None
     error: str | None = None
+    occurred_at: datetime | None = None
+    """When the event was published; the start of its end-to-end latency."""
+    replayed: bool = False
+    """True for a dead letter sent again by a replay (it carries ``postroom-replays``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +198,8 @@ def result_of(outcome: Outcome, message: Message, **extra: Any) -> Result:
         message_id=str(message.message_id),
         topic=message.topic,
         attempt=message.attempt,
+        occurred_at=message.occurred_at,
+        replayed=H_REPLAYS in message.extra_headers,
         **extra,
     )
 

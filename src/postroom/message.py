@@ -139,7 +139,9 @@ def decode_amqp(
         raise DecodeError(f"header {H_ATTEMPT} is not an integer: {attempt!r}") from None
     if attempt < 1:
         raise DecodeError(f"header {H_ATTEMPT} must be >= 1, got {attempt}")
-    occurred = timestamp or _parse_time(ce.get("time")) or datetime.now(UTC)
+    # The CloudEvents time first: the AMQP timestamp property holds whole seconds only,
+    # too coarse for the end-to-end latency metric.
+    occurred = _parse_time(ce.get("time")) or timestamp or datetime.now(UTC)
     if occurred.tzinfo is None:
         occurred = occurred.replace(tzinfo=UTC)
     known = {H_ATTEMPT, H_KEY, H_CAUSATION, H_TRACEPARENT}

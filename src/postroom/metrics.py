@@ -9,7 +9,10 @@ topic are names a service declares; a message id never becomes a label.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -17,10 +20,20 @@ OUTCOMES = frozenset({"acked", "duplicate", "retry", "dead"})
 """What became of a delivery: handled and committed, already in the inbox, rescheduled, dead."""
 COMPONENTS = frozenset({"relay", "worker"})
 PEERS = frozenset({"database", "broker"})
+DELIVERIES = ("first", "retry", "replay")
+"""Which send of a message a handler committed: its first attempt (a broker redelivery
+included), a retry after a failed attempt, or a replay of a dead letter. Kept apart so
+retries' backoff and replays' age never pollute the first-attempt latency."""
 
 # Publishing a batch takes milliseconds to seconds; a handler, milliseconds to minutes.
 _BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _HANDLER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Producer's event to handler's commit: a millisecond on a quiet system, minutes behind a
+# backlog, hours for a replay.
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
 
 
 class Metrics:
@@ -32,6 +45,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._handled: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         r = self.registry
         self.outbox_pending = Gauge(
             "postroom_outbox_pending_messages",
@@ -51,6 +65,11 @@ class Metrics:
         self.outbox_polled = Gauge(
             "postroom_outbox_last_poll_timestamp_seconds",
             "Unix time the outbox gauges were last refreshed; stale means they are too.",
+            registry=r,
+        )
+        self.outbox_unroutable = Gauge(
+            "postroom_outbox_unroutable_messages",
+            "Outbox rows the broker returned: no queue is bound for their routing key.",
             registry=r,
         )
         self.relay_published = Counter(
@@ -120,6 +139,14 @@ class Metrics:
             buckets=_HANDLER_BUCKETS,
             registry=r,
         )
+        self.delivery_latency = Histogram(
+            "postroom_delivery_latency_seconds",
+            "From the event's occurred_at (set when it was published) to the commit of the "
+            "handler that took it, per consumer and delivery (first, retry, replay).",
+            ["consumer", "delivery"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.handlers_in_flight = Gauge(
             "postroom_handlers_in_flight",
             "Handlers running now.",
@@ -130,6 +157,18 @@ class Metrics:
             "postroom_connection_up",
             "1 while the component is connected to the peer, 0 otherwise.",
             ["component", "peer"],
+            registry=r,
+        )
+        self.queue_messages_ready = Gauge(
+            "postroom_queue_messages_ready",
+            "Messages waiting in a consumer's queue (ready, not yet delivered to a worker).",
+            ["consumer"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "postroom_ready",
+            "1 while the process's /readyz would answer 200 (evaluated at each scrape).",
+            ["component"],
             registry=r,
         )
         self.loop_lag = Gauge(
@@ -160,18 +199,57 @@ class Metrics:
         """Count *count* unroutable events of *topic* dropped by the deployment's policy."""
         self.relay_dropped.labels(topic).inc(count)
 
-    def outbox_state(self, *, pending: int, oldest_age_seconds: float, errored: int) -> None:
+    def outbox_state(
+        self, *, pending: int, oldest_age_seconds: float, errored: int, unroutable: int = 0
+    ) -> None:
         """Set the outbox gauges from one query of the outbox table."""
         self.outbox_pending.set(pending)
         self.outbox_oldest_age.set(oldest_age_seconds)
         self.outbox_errored.set(errored)
+        self.outbox_unroutable.set(unroutable)
         self.outbox_polled.set_to_current_time()
+
+    def latency(self, consumers: Mapping[str, Iterable[str]]) -> DeliveryLatency:
+        """Return the latency recorder of *consumers* (name to topics), children bound once.
+
+        Also creates every consumer's outcome counters at zero, so a first dead letter or
+        retry is an increase Prometheus sees, not the birth of a series it cannot rate.
+        """
+        for consumer, topics in consumers.items():
+            for topic in topics:
+                for outcome in OUTCOMES:
+                    self.consumer_messages.labels(consumer, topic, outcome)
+        return DeliveryLatency(self.delivery_latency, consumers)
+
+    def queue_ready(self, consumer: str, ready: int) -> None:
+        """Record how many messages wait in *consumer*'s queue."""
+        self.queue_messages_ready.labels(consumer).set(ready)
+
+    def readiness(self, component: str, check: Callable[[], str | None]) -> None:
+        """Export *component*'s readiness: *check* (None means ready) runs at each scrape."""
+        _check(component, COMPONENTS, "component")
+
+        def value() -> float:
+            try:
+                return 1.0 if check() is None else 0.0
+            except Exception:  # a broken check is "not ready", as on /readyz
+                return 0.0
+
+        self.ready.labels(component).set_function(value)
 
     def handled(self, *, consumer: str, topic: str, outcome: str, seconds: float) -> None:
         """Record one finished delivery of *consumer*; *outcome* is one of :data:`OUTCOMES`."""
-        _check(outcome, OUTCOMES, "outcome")
-        self.consumer_messages.labels(consumer, topic, outcome).inc()
-        self.handler_seconds.labels(consumer).observe(seconds)
+        # Per message: one dict lookup, not two label resolutions (each takes a lock).
+        children = self._handled.get((consumer, topic, outcome))
+        if children is None:
+            _check(outcome, OUTCOMES, "outcome")
+            children = (
+                self.consumer_messages.labels(consumer, topic, outcome),
+                self.handler_seconds.labels(consumer),
+            )
+            self._handled[consumer, topic, outcome] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def handled_recorder(
         self, *, consumer: str, topic: str, outcome: str
@@ -290,6 +368,44 @@ class RelayStats:
 
 def _count(metrics: Metrics, counter: Counter, **match: str) -> int:
     return int(metrics.totals(counter, **match).get("", 0))
+
+
+class Handled(Protocol):
+    """What :meth:`DeliveryLatency.observe` reads of a dispatch result."""
+
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def occurred_at(self) -> datetime | None: ...
+    @property
+    def replayed(self) -> bool: ...
+
+
+class DeliveryLatency:
+    """Observe end-to-end latency for a fixed set of consumers, on the worker's hot path.
+
+    Every (consumer, delivery) child is bound at construction, so an observation is one
+    dict lookup and one histogram update: no label resolution per message.
+    """
+
+    __slots__ = ("_children",)
+
+    def __init__(self, histogram: Histogram, consumers: Iterable[str]) -> None:
+        self._children = {
+            (consumer, delivery): histogram.labels(consumer, delivery)
+            for consumer in consumers
+            for delivery in DELIVERIES
+        }
+
+    def observe(self, consumer: str, result: Handled) -> None:
+        """Record *result* if its handler committed (outcome acked); ignore it otherwise."""
+        if result.outcome != "acked" or result.occurred_at is None:
+            return
+        delivery = "replay" if result.replayed else "retry" if result.attempt > 1 else "first"
+        seconds = time.time() - result.occurred_at.timestamp()
+        self._children[consumer, delivery].observe(max(0.0, seconds))
 
 
 def _check(value: str, allowed: frozenset[str], what: str) -> None:

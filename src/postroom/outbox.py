@@ -30,7 +30,7 @@ from postroom.events import Event, topic_of
 from postroom.message import HeaderValue, Message, uuid7
 from postroom.settings import Settings, publishing_values
 from postroom.tables import DEFAULT_SCHEMA, outbox, schema_map
-from postroom.tracing import new_traceparent
+from postroom.tracing import current_traceparent, new_traceparent
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 _RESERVED_PREFIXES = ("x-", "postroom-", "cloudevents_", "cloudevents:", "ce-", "ce_")
@@ -93,6 +93,8 @@ class Outbox:
         """Write *event* to the outbox in *session*'s open transaction and return its message.
 
         Rows sharing *key* are relayed in commit order; *delay* holds the message back.
+        The row carries *traceparent*, else the current OpenTelemetry span's, else a new
+        trace's.
         Raises NotInTransactionError (no transaction is open), MessageTooLargeError and
         EventDefinitionError before anything is written, and SchemaNotReadyError if the
         outbox table does not exist (run ``postroom migrate``).
@@ -108,7 +110,7 @@ class Outbox:
             key=key,
             correlation_id=correlation_id or str(message_id),
             causation_id=causation_id,
-            traceparent=traceparent or new_traceparent(),
+            traceparent=traceparent or current_traceparent() or new_traceparent(),
             extra_headers=_check_headers(headers),
         )
         await self.write(session, message, routing_key=topic, ordering_key=key, delay=delay)

@@ -467,3 +467,25 @@ async def delete_exchange(connection: AbstractConnection, name: str, *, if_unuse
             await raw.exchange_delete(name, if_unused=if_unused)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise TopologyRefusedError("exchange", name, str(exc)) from None
+
+async def ready_messages(connection: AbstractConnection, queues: Sequence[str]) -> dict[str, int]:
+    """Return how many messages wait (ready, unacked not counted) in each of *queues*.
+
+    Passive declares on one channel; a queue that does not exist closes that channel
+    (404), is left out of the answer and the next queue gets a fresh channel.
+    """
+    depths: dict[str, int] = {}
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        for name in queues:
+            if channel.is_closed:
+                channel = await connection.channel(publisher_confirms=False)
+            try:
+                declared = await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                continue
+            depths[name] = int(declared.declaration_result.message_count or 0)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return depths

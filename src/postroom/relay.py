@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from postroom import faults, outage, rabbit
+from postroom import faults, outage, rabbit, tracing
 from postroom.metrics import Metrics, RelayStats
 from postroom.outbox import RELAY_PRESENCE, notify_channel, relay_presence_key
 from postroom.settings import Settings
@@ -253,7 +253,9 @@ class Relay:
             if not rows:
                 return 0
             outgoing = [self._outgoing(row) for row in rows]
-            outcomes = await publisher.publish_many(outgoing)
+            with tracing.sending(outgoing) as sending:  # producer spans, if OpenTelemetry
+                outcomes = await publisher.publish_many(sending.messages)
+                sending.settle(outcomes)
             faults.crash_point(settings.crash_at, faults.RELAY_AFTER_CONFIRM)
             done = [row["id"] for row, error in zip(rows, outcomes, strict=True) if error is None]
             failed = [

@@ -17,7 +17,7 @@ from postroom.errors import PostroomError
 from postroom.events import Event, topic_of
 from postroom.message import HeaderValue, Message
 from postroom.redaction import Redaction
-from postroom.tracing import child_traceparent
+from postroom.tracing import child_traceparent, current_traceparent
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -216,5 +216,6 @@ class Context:
             headers=headers,
             correlation_id=incoming.correlation_id or str(incoming.message_id),
             causation_id=str(incoming.message_id),
-            traceparent=child_traceparent(incoming.traceparent),
+            # The handler's span (OpenTelemetry), else the incoming trace continued.
+            traceparent=current_traceparent() or child_traceparent(incoming.traceparent),
         )

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from postroom import backlog, summary
+from postroom import backlog, queues, summary
 from postroom.errors import ConfigError
 from postroom.health import HealthServer, ReadyCheck
 from postroom.metrics import Metrics
@@ -53,7 +53,7 @@ async def serving(
     is a :class:`ConfigError`. An explicit *port* is bound as given, 0 picking a free one
     (for tests). Once *stop* is set ``/readyz`` answers 503 "draining" whatever *ready*
     says, so load balancers and KEDA stop counting on the process while it drains;
-    ``/livez`` stays 200.
+    ``/livez`` stays 200. The same answer is exported as ``postroom_ready{component=role}``.
     """
     chosen = settings.health_port if port is None else port
     if port is None and chosen == 0:
@@ -62,6 +62,8 @@ async def serving(
 
     def readiness() -> str | None:
         return DRAINING if stop.is_set() else ready()
+
+    metrics.readiness(role, readiness)  # postroom_ready{component=role}, for the alert rules
 
     def server_on(number: int) -> HealthServer:
         return HealthServer(
@@ -181,9 +183,10 @@ async def run_worker(
 ) -> None:
     """Be the ``postroom worker`` process until *stop* is set.
 
-    Runs the worker and the health server. ``/readyz`` is 200 while the worker consumes
-    with both dependencies reachable and 503 once draining; the worker itself gives
-    in-flight handlers ``settings.shutdown_timeout`` and requeues the rest.
+    Runs the worker, the outbox backlog and queue gauges and the health server.
+    ``/readyz`` is 200 while the worker consumes with both dependencies reachable and 503
+    once draining; the worker itself gives in-flight handlers ``settings.shutdown_timeout``
+    and requeues the rest.
     """
     metrics = metrics if metrics is not None else Metrics()
     worker = Worker(settings, router, metrics=metrics)
@@ -194,11 +197,18 @@ async def run_worker(
     names = tuple(c.name for c in router)
     log.info("worker.starting", consumers=list(names), **_identity(settings))
     log.debug("worker.settings", settings=settings.describe())
+    # The outbox gauges too: lag must stay visible when no relay runs (backlog.py).
     async with (
         serving(settings, ready=ready, metrics=metrics, stop=stop, port=health_port, role="worker"),
         running(
             summary.watch(metrics, stop, interval=settings.log_interval, consumers=names),
             name="postroom-summary",
+        ),
+        running(
+            backlog.watch(settings, metrics, stop, hold_connection=False), name="postroom-backlog"
+        ),
+        running(
+            queues.watch(settings, [c.name for c in router], metrics, stop), name="postroom-queues"
         ),
     ):
         await worker.run(stop)

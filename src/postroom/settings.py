@@ -206,7 +206,8 @@ class Settings(BaseSettings):
     metrics_interval: float = Field(
         default=10.0,
         gt=0,
-        description="Seconds between the relay's outbox queries for the backlog and lag gauges.",
+        description="Seconds between the outbox queries (in relays and workers) for the "
+        "backlog and lag gauges.",
     )
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         default="auto",

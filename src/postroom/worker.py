@@ -97,6 +97,7 @@ class Worker:
         self._settings = settings
         self._router = router
         self._metrics = metrics if metrics is not None else Metrics()
+        self._latency = self._metrics.latency({c.name: c.topics for c in router})
         self._name = name
         self._semaphore = asyncio.Semaphore(settings.worker_concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
@@ -474,6 +475,7 @@ class Worker:
                 consumer=labels[0], topic=labels[1], outcome=labels[2]
             )
         record(seconds)
+        self._latency.observe(consumer.name, result)
         # Successes only at DEBUG, and no log call at all otherwise: a JSON line per
         # message cost ~10% of a worker's CPU, and the metrics count them; failures were
         # logged when their outcome was written.
