@@ -14,7 +14,15 @@ from postroom import Event, Outbox
 from postroom.faults import RELAY_AFTER_CONFIRM
 from postroom.settings import Settings
 from postroom.tables import outbox, schema_map
-from tests.helpers import bind_queue, collect, logs_of, running_relay, spawn, wait_exit
+from tests.helpers import (
+    bind_queue,
+    collect,
+    eventually,
+    logs_of,
+    running_relay,
+    spawn,
+    wait_exit,
+)
 
 
 class OrderPlaced(Event, topic="shop.order-placed"):
@@ -242,3 +250,35 @@ async def test_unroutable_row_stays_with_its_error(settings, sessions):
             text(f'SELECT available_at > now() FROM "{settings.schema_name}".outbox')
         )
     assert delay, "a failed row is rescheduled, not retried in a hot loop"
+
+
+async def test_a_row_locked_by_another_transaction_holds_back_its_key(
+    settings, sessions, amqp, names, database_url
+):
+    """Found by the fault suite's `outbox_lock`: SKIP LOCKED passed over a key's locked
+    head row and published the rows after it, out of key order."""
+    queue = await bind_queue(amqp, settings.exchange, ["seq.#"], f"q.{names}")
+    await publish_many(sessions, settings, 4, per_tx=4, keys=1, prefix="held")  # seq 0..3
+    await publish_many(sessions, settings, 1, keys=1, prefix="free", start=4)
+    admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        lock = admin.transaction()
+        await lock.start()
+        locked = await admin.fetchval(
+            f'SELECT id FROM "{settings.schema_name}".outbox WHERE ordering_key = $1 '
+            "ORDER BY id LIMIT 1 FOR UPDATE",
+            "held0",
+        )
+        assert locked is not None
+        async with running_relay(settings) as relay:
+            # A batch ran while the head was locked: the later row of another key came out
+            # first, and nothing of the held key came before or with it.
+            first = await collect(settings.amqp_url.get_secret_value(), queue, count=1)
+            assert [m.json()["key"] for m in first] == ["free0"]
+            await eventually(lambda: relay.stats.batches >= 1)  # settled after its commit
+            assert relay.stats.published == 1
+            await lock.rollback()
+            rest = await collect(settings.amqp_url.get_secret_value(), queue, count=4)
+    finally:
+        await admin.close()
+    assert [(m.json()["key"], m.json()["seq"]) for m in rest] == [("held0", s) for s in range(4)]
