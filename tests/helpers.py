@@ -7,7 +7,7 @@ import contextlib
 import json
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,27 @@ class Received:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+async def delete_queues(amqp: str | AbstractConnection, consumers: Iterable[Any]) -> None:
+    """Delete each consumer's queue and its dead-letter queue (``<name>.dead``).
+
+    *consumers* are names or registrations (anything with a ``name``, e.g. a Router).
+    Apps fix their consumer names, so a test that ran one removes its queues afterwards;
+    the vhost is per test session, so parallel sessions (pytest-xdist) never share them.
+    *amqp* is an open connection or a URL (then a connection of its own is used).
+    """
+    names = [c if isinstance(c, str) else c.name for c in consumers]
+    connection = await aio_pika.connect(amqp, timeout=10) if isinstance(amqp, str) else amqp
+    try:
+        channel = await connection.channel()
+        for name in names:
+            for queue in (name, f"{name}.dead"):
+                await channel.queue_delete(queue)
+        await channel.close()
+    finally:
+        if isinstance(amqp, str):
+            await connection.close()
 
 
 async def bind_queue(

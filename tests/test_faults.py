@@ -12,12 +12,7 @@ The default set is short (CI); ``--long`` adds the long mixed run (docs/guarante
 from __future__ import annotations
 
 import asyncio
-import random
-import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -28,50 +23,17 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from postroom import faults as points
 from postroom.settings import Settings
+from tests.apps.faultapp import router
 from tests.conftest import create_tables_at_head
 from tests.faults import chaos, hazards, servers
 from tests.faults.proxy import FaultProxy
+from tests.faults.scenario import Stage, run_scenario
 from tests.faults.workload import (
-    Chaos,
-    Fault,
     Figures,
-    Fleet,
-    Writers,
-    check,
-    declare_topology,
-    delete_queues,
-    drain,
-    foreign,
-    fresh_seed,
-    inject,
     prepare_schema,
-    read_history,
     via,
 )
-
-FLEET_ENV = {"POSTROOM_WORKER_CONCURRENCY": "8"}
-
-
-@pytest.fixture
-def seed(request: pytest.FixtureRequest) -> int:
-    value = fresh_seed(request.config.getoption("--seed"))
-    print(f"\nfault seed: {value} (replay with --seed {value})")
-    return value
-
-
-@dataclass
-class Stage:
-    """What a scenario runs against."""
-
-    procs: Settings
-    """Settings of the relay and worker processes (maybe through proxies)."""
-    writer_url: str
-    """SQLAlchemy URL for the writers (maybe through a proxy)."""
-    dsn: str
-    """Direct asyncpg DSN (superuser) to the run's database: checks and backend kills."""
-    amqp_url: str
-    """Direct URL of the test vhost: topology and close_all_connections."""
-    extra: dict[str, Any] = field(default_factory=dict)
+from tests.helpers import delete_queues
 
 
 @pytest.fixture
@@ -79,14 +41,14 @@ async def stage(settings: Settings) -> AsyncIterator[Stage]:
     """The shared services, a fresh schema with the ledger tables, clean app queues."""
     amqp_url = settings.amqp_url.get_secret_value()
     await prepare_schema(settings.asyncpg_dsn, settings.schema_name)
-    await delete_queues(amqp_url)
+    await delete_queues(amqp_url, router)
     yield Stage(
         procs=settings,
         writer_url=settings.database_url.get_secret_value(),
         dsn=settings.asyncpg_dsn,
         amqp_url=amqp_url,
     )
-    await delete_queues(amqp_url)
+    await delete_queues(amqp_url, router)
 
 
 @pytest.fixture
@@ -170,81 +132,6 @@ async def private_proxied(private: Stage) -> AsyncIterator[Stage]:
             amqp_url=private.amqp_url,
             extra={**private.extra, "pg_proxy": pg_proxy, "amqp_proxy": amqp_proxy},
         )
-
-
-async def run_scenario(
-    name: str,
-    stage: Stage,
-    logdir: Path,
-    *,
-    seed: int,
-    messages: int,
-    duration: float,
-    faults: Sequence[Fault],
-    gap: tuple[float, float],
-    relays: int = 2,
-    workers: int = 2,
-    drain_timeout: float = 90.0,
-    min_faults: int = 1,
-    writers: dict[str, Any] | None = None,
-    rounds: int = 1,
-    fleet_env: dict[str, str] | None = None,
-) -> Figures:
-    """Run one scenario end to end and assert every invariant; return its figures."""
-    rng = random.Random(seed)
-    rounds = max(rounds, -(-min_faults // len(faults)))  # enough rounds for min_faults
-    settings = stage.procs
-    schema = settings.schema_name
-    await declare_topology(settings, stage.amqp_url)
-    fleet = Fleet(settings, logdir, **{**FLEET_ENV, **(fleet_env or {})})
-    ctx = Chaos(
-        rng=rng, fleet=fleet, amqp_url=stage.amqp_url, admin_dsn=stage.dsn, extra=stage.extra
-    )
-    producer = Writers(stage.writer_url, settings, seed=rng.randrange(1 << 30), **(writers or {}))
-    ctx.extra.update(
-        writers=producer,
-        writer_url=stage.writer_url,
-        prefetch=settings.worker_prefetch,
-        max_body_bytes=settings.max_body_bytes,
-        exchange=settings.exchange,
-    )
-    started = time.monotonic()
-    fleet.start(relays, workers)
-    try:
-        production = asyncio.create_task(producer.run(messages, duration))
-        try:
-            await inject(ctx, faults, until=production.done, gap=gap, rounds=rounds)
-        finally:
-            if not production.done():
-                production.cancel()
-            ledger = await production
-        chaos.heal(ctx)
-        drained = await drain(stage.dsn, schema, ledger, timeout=drain_timeout)
-    finally:
-        await fleet.stop()
-    histories = await read_history(stage.dsn, schema, fleet.deliveries())
-    report = check(ledger, histories)
-    strays = foreign(ledger, histories)
-    figures = Figures(
-        scenario=name,
-        seed=seed,
-        seconds=time.monotonic() - started,
-        drain_seconds=drained,
-        faults=ctx.injected,
-        report=report,
-        writer_errors=ledger.errors,
-        restarts=fleet.restarts,
-        scheduled=ctx.scheduled,
-        effective=ctx.effective,
-    )
-    print(f"\n{report.table()}\n{figures.summary()}")
-    assert not fleet.unexpected, "processes exited unexpectedly:\n" + "\n".join(fleet.unexpected)
-    assert report.ok, report.table()
-    assert not strays, "malformed or oversized input mishandled:\n" + "\n".join(strays)
-    assert report.total.dead == 2 * len(ledger.poison), "both consumers dead-letter each poison"
-    assert sum(ctx.injected.values()) >= min_faults, f"too few faults injected: {ctx.log}"
-    assert report.committed >= messages // 2, "most of the workload should have committed"
-    return figures
 
 
 @pytest.mark.timeout(300)  # the liveness bound is asserted inside, tighter
@@ -431,7 +318,7 @@ async def test_mixed_faults_long(private_proxied, tmp_path, seed):
         faults=EVERY_KIND,
         gap=(1.5, 4.5),
         min_faults=200,
-        drain_timeout=600,
+        drain_timeout=1_200,
         rounds=LONG_ROUNDS,
     )
     assert_every_kind(figures, LONG_ROUNDS)

@@ -27,7 +27,14 @@ from postroom.triage import Filters, group_letters, list_letters
 from postroom.upkeep import prune
 from tests.apps.repairable import DDL, Posted, router
 from tests.conftest import postroom_cmd, settings_env
-from tests.helpers import eventually, running_relay, running_worker, spawn, wait_exit
+from tests.helpers import (
+    delete_queues,
+    eventually,
+    running_relay,
+    running_worker,
+    spawn,
+    wait_exit,
+)
 
 APPLY, NOTIFY = "books.apply", "books.notify"
 
@@ -39,11 +46,7 @@ async def books(settings: Settings, sessions, amqp):
         for ddl in DDL:
             await session.execute(text(ddl.format(schema=settings.schema_name)))
     yield settings.model_copy(update={"worker_concurrency": 8, "shutdown_timeout": 5.0})
-    channel = await amqp.channel()
-    for consumer in router:
-        for name in (consumer.name, f"{consumer.name}.dead"):
-            await channel.queue_delete(name)
-    await channel.close()
+    await delete_queues(amqp, router)
 
 
 async def cli(settings: Settings, *args: str) -> Any:

@@ -11,7 +11,16 @@ from sqlalchemy import text
 from postroom import Outbox
 from postroom.settings import Settings
 from tests.apps.billing import EFFECTS_DDL, Charge, router
-from tests.helpers import eventually, free_port, http_get, logs_of, running_relay, spawn, wait_exit
+from tests.helpers import (
+    delete_queues,
+    eventually,
+    free_port,
+    http_get,
+    logs_of,
+    running_relay,
+    spawn,
+    wait_exit,
+)
 
 
 @pytest.fixture
@@ -19,11 +28,7 @@ async def app(settings: Settings, sessions, amqp):
     async with sessions() as session, session.begin():
         await session.execute(text(EFFECTS_DDL.format(schema=settings.schema_name)))
     yield settings
-    channel = await amqp.channel()
-    for consumer in router:
-        for name in (consumer.name, f"{consumer.name}.dead"):
-            await channel.queue_delete(name)
-    await channel.close()
+    await delete_queues(amqp, router)
 
 
 async def count(sessions, settings: Settings, sql: str) -> int:

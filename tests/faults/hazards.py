@@ -46,7 +46,7 @@ async def _sessions(chaos: Chaos) -> AsyncIterator[async_sessionmaker[AsyncSessi
         await engine.dispose()
 
 
-async def _commit(chaos: Chaos, **kwargs: object) -> list[str]:
+async def commit(chaos: Chaos, **kwargs: object) -> list[str]:
     """Commit one transaction through the writers; a failure is a writer error, noted."""
     writers = _writers(chaos)
     async with _sessions(chaos) as sessions:
@@ -68,7 +68,7 @@ async def outbox_lock(chaos: Chaos) -> None:
     keys = chaos.rng.sample(writers.keys, 2)
     ids: list[str] = []
     for key in keys:
-        ids += await _commit(chaos, key=key, count=2, delay=timedelta(seconds=1.5))
+        ids += await commit(chaos, key=key, count=2, delay=timedelta(seconds=1.5))
     committed = [m for m in ids if m in writers.ledger.committed]
     if not committed:
         return
@@ -98,7 +98,7 @@ async def long_transaction(chaos: Chaos) -> None:
     hold = chaos.rng.uniform(2.0, 6.0)
     key = chaos.rng.choice([None, *writers.keys])
     chaos.note("long_transaction", f"key {key} open {hold:.1f}s")
-    await _commit(chaos, key=key, count=3, hold=hold)
+    await commit(chaos, key=key, count=3, hold=hold)
 
 
 async def clock_skew(chaos: Chaos) -> None:
@@ -113,8 +113,8 @@ async def clock_skew(chaos: Chaos) -> None:
     behind = timedelta(hours=-1)
     ahead = timedelta(seconds=chaos.rng.uniform(1.0, 4.0))
     occurred = timedelta(minutes=chaos.rng.uniform(-120, 120))
-    await _commit(chaos, key=key, count=2, skew=(occurred, behind))
-    await _commit(chaos, key=key, count=2, skew=(-occurred, ahead))
+    await commit(chaos, key=key, count=2, skew=(occurred, behind))
+    await commit(chaos, key=key, count=2, skew=(-occurred, ahead))
     chaos.note("clock_skew", f"key {key}: due -1h and +{ahead.total_seconds():.1f}s")
 
 
@@ -124,7 +124,7 @@ async def slow_consumer(chaos: Chaos) -> None:
     count = prefetch + 40
     sleep = chaos.rng.uniform(0.01, 0.04)
     for _ in range(count // 20):
-        await _commit(chaos, key=None, count=20, sleep=sleep)
+        await commit(chaos, key=None, count=20, sleep=sleep)
     chaos.note("slow_consumer", f"{count} messages of {sleep * 1000:.0f}ms, prefetch {prefetch}")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -31,7 +30,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
-import aio_pika
 import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -81,18 +79,6 @@ async def declare_topology(settings: Settings, amqp_url: str | None = None) -> N
                 for c in router
             ],
         )
-    finally:
-        await connection.close()
-
-
-async def delete_queues(amqp_url: str) -> None:
-    """The app's consumer names are fixed: remove its queues so the next test starts clean."""
-    connection = await aio_pika.connect(amqp_url, timeout=10)
-    try:
-        channel = await connection.channel()
-        for consumer in router:
-            for name in (consumer.name, f"{consumer.name}.dead"):
-                await channel.queue_delete(name)
     finally:
         await connection.close()
 
@@ -703,12 +689,3 @@ def via(url: str, proxy: Any) -> str:
     parts = urlsplit(url)
     userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
     return urlunsplit(parts._replace(netloc=f"{userinfo}{proxy.host}:{proxy.port}"))
-
-
-def fresh_seed(option: int | None) -> int:
-    """The seed to use: ``--seed`` or FAULTS_SEED to replay a run, else a fresh one."""
-    if option is not None:
-        return option
-    if value := os.environ.get("FAULTS_SEED"):
-        return int(value)
-    return random.SystemRandom().randrange(1, 1 << 31)
