@@ -10,9 +10,11 @@ import tempfile
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
+from sqlalchemy import text
 
 from postroom.relay import Relay
 from postroom.settings import Settings
@@ -52,6 +54,39 @@ async def delete_queues(amqp: str | AbstractConnection, consumers: Iterable[Any]
     finally:
         if isinstance(amqp, str):
             await connection.close()
+
+
+async def queue_messages(amqp_url: str) -> dict[str, int]:
+    """Messages in each queue of *amqp_url*'s vhost, ready or delivered but not yet acked.
+
+    Asked of the broker (``rabbitmqctl list_queues``), so a test can wait until nothing
+    is left anywhere instead of sleeping and hoping nothing more arrives.
+    """
+    vhost = unquote(amqp_url.rsplit("/", 1)[1]) or "/"
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "list_queues",
+        "-p",
+        vhost,
+        "name",
+        "messages",
+        "--formatter",
+        "json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    if process.returncode != 0:
+        raise AssertionError(f"rabbitmqctl list_queues failed: {err.decode()[-300:]}")
+    return {q["name"]: int(q["messages"]) for q in json.loads(out)}
+
+
+async def settled(engine: Any, schema: str, amqp_url: str, queues: Iterable[str]) -> bool:
+    """Nothing left to happen: the outbox is empty and so are *queues*."""
+    async with engine.connect() as conn:
+        left = (await conn.execute(text(f'SELECT count(*) FROM "{schema}".outbox'))).scalar_one()
+    depths = await queue_messages(amqp_url)
+    return left == 0 and not any(depths.get(q, 0) for q in queues)
 
 
 async def bind_queue(

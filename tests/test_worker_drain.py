@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 
@@ -51,11 +53,10 @@ async def test_sigterm_mid_handler_finishes_in_flight_and_loses_nothing(app, ses
             await eventually(lambda: _status(port, "/readyz", 200), timeout=30)
             status, _, body = await http_get(port, "/metrics")
             assert status == 200 and b"postroom_consumer_messages_total" in body
-            # Wait until slow handlers are running, then ask the worker to stop.
-            await eventually(
-                lambda: count(sessions, app, 'SELECT count(*) FROM "{s}".inbox'), timeout=30
-            )
+            # Wait until slow handlers are mid-transaction, then ask the worker to stop.
+            await eventually(lambda: _handlers_running(app), timeout=30)
             worker.send_signal(signal.SIGTERM)
+            applied_at_sigterm = await count(sessions, app, APPLIED)
             started = asyncio.get_running_loop().time()
             code = await wait_exit(worker, timeout=30)
             took = asyncio.get_running_loop().time() - started
@@ -64,6 +65,10 @@ async def test_sigterm_mid_handler_finishes_in_flight_and_loses_nothing(app, ses
                 worker.kill()
         assert code == 0, logs_of(worker)
         assert took < worker_settings.shutdown_timeout + 5
+        # The SIGTERM caught work in flight, and the drain finished it (committed, acked).
+        draining = re.search(r"worker\.draining.*?inflight\W+(\d+)", logs_of(worker, tail=10**7))
+        assert draining and int(draining.group(1)) >= 1, logs_of(worker)
+        assert await count(sessions, app, APPLIED) > applied_at_sigterm
         assert await count(sessions, app, 'SELECT count(*) FROM "{s}".dead_letters') == 0
         # Everything not applied was requeued: a second worker finishes the rest, once each.
         second = spawn(app, "worker", "tests.apps.billing:router")
@@ -79,6 +84,23 @@ async def test_sigterm_mid_handler_finishes_in_flight_and_loses_nothing(app, ses
         == 40
     )
     assert await count(sessions, app, 'SELECT count(*) FROM "{s}".dead_letters') == 0
+
+
+APPLIED = "SELECT count(*) FROM \"{s}\".effects WHERE consumer = 'billing.charge'"
+
+
+async def _handlers_running(settings: Settings) -> bool:
+    """Some handler of the worker is inside its transaction (it wrote; not committed)."""
+    conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=10)
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'postroom-worker' AND backend_xid IS NOT NULL"
+            )
+        )
+    finally:
+        await conn.close()
 
 
 async def _status(port: int, path: str, expected: int) -> bool:

@@ -98,35 +98,41 @@ class RabbitCluster:
                         return row["leader"], list(row["members"])
         raise AssertionError(f"no running node knows queue {queue}")
 
-    async def holder_of(self, vhost: str, prefix: str) -> PrivateRabbit | None:
+    async def holder_of(self, vhost: str, prefix: str) -> PrivateRabbit:
         """The node holding a client connection whose name starts with *prefix*.
 
-        ``list_connections`` is cluster-wide and names no node, but each node listens on
-        its own port, and a connection's ``port`` is the one it reached.
+        ``list_connections`` names no node, but each node listens on its own port and a
+        connection's ``port`` is the one it reached. Asks each running node in turn, for
+        up to a minute (the client may be between two connections).
         """
         by_port = {node.port: node for node in self.nodes}
-        for node in self.nodes:
-            if not node.running:
-                continue
-            with contextlib.suppress(AssertionError):
-                rows = json.loads(
-                    await node.ctl(
+        seen: list[str] = []
+        for _ in range(60):
+            for node in self.nodes:
+                if not node.running:
+                    continue
+                try:
+                    out = await node.ctl(
                         "list_connections",
                         "vhost",
                         "port",
                         "client_properties",
                         "--formatter",
                         "json",
+                        timeout=20,
                     )
-                )
-                for row in rows:
-                    named = str(
-                        dict(_pairs(row.get("client_properties"))).get("connection_name", "")
-                    )
-                    if row.get("vhost") == vhost and named.startswith(prefix):
-                        return by_port.get(int(row["port"]))
-                return None
-        return None
+                except AssertionError as exc:
+                    seen.append(str(exc)[:200])
+                    continue
+                for row in json.loads(out):
+                    props = dict(_pairs(row.get("client_properties")))
+                    named = str(props.get("connection_name", ""))
+                    seen.append(f"{row.get('vhost')}:{row.get('port')}:{named}")
+                    holder = by_port.get(int(row["port"]))
+                    if row.get("vhost") == vhost and named.startswith(prefix) and holder:
+                        return holder
+            await asyncio.sleep(1.0)
+        raise AssertionError(f"no {prefix} connection in {vhost}; saw {seen[-10:]}")
 
     async def kill(self, node: PrivateRabbit) -> None:
         """SIGKILL the node's Erlang VM (no clean shutdown), as a lost machine would."""
@@ -224,8 +230,6 @@ async def kill_relay_node(chaos: Chaos) -> None:
     """SIGKILL the node the (first found) relay is connected to, restart it later."""
     cluster = _cluster(chaos)
     node = await cluster.holder_of(_vhost(chaos), "postroom-relay")
-    if node is None:
-        return
     await cluster.kill(node)
     chaos.note("cluster_kill_relay_node", node.node)
     try:
