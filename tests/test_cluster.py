@@ -10,6 +10,7 @@ consumers).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -20,31 +21,37 @@ from postroom import rabbit
 from postroom.settings import Settings
 from tests.faults import servers
 from tests.faults.cluster import CLUSTER_FAULTS, RabbitCluster
-from tests.faults.scenario import Stage, run_scenario
-from tests.faults.workload import prepare_schema
+from tests.faults.scenario import Stage, private_database, run_scenario
 
 
 @pytest.fixture(scope="module")
-async def cluster() -> AsyncIterator[RabbitCluster]:
+async def cluster() -> AsyncIterator[tuple[RabbitCluster, servers.PrivatePostgres]]:
+    """The cluster, and a private PostgreSQL (the fleet's connections stay off the shared one)."""
     nodes = RabbitCluster()
+    postgres = servers.PrivatePostgres()
     try:
-        await nodes.start()
-        yield nodes
+        await asyncio.gather(nodes.start(), postgres.init())
+        yield nodes, postgres
     finally:
-        await nodes.destroy()
+        await asyncio.gather(nodes.destroy(), postgres.destroy())
 
 
 @pytest.fixture
-async def on_cluster(settings: Settings, names: str, cluster: RabbitCluster) -> Stage:
-    """The shared database, and a fresh vhost on the cluster, known by every node's URL."""
-    urls = await cluster.add_vhost(f"postroom-test-{names}")
-    await prepare_schema(settings.asyncpg_dsn, settings.schema_name)
+async def on_cluster(
+    settings: Settings, names: str, cluster: tuple[RabbitCluster, servers.PrivatePostgres]
+) -> Stage:
+    """A fresh database and a fresh vhost on the cluster, known by every node's URL."""
+    nodes, postgres = cluster
+    urls = await nodes.add_vhost(f"postroom-test-{names}")
+    dsn, database_url = await private_database(postgres, f"cluster_{names}", settings)
     return Stage(
-        procs=settings.model_copy(update={"amqp_url": SecretStr(urls)}),
-        writer_url=settings.database_url.get_secret_value(),
-        dsn=settings.asyncpg_dsn,
+        procs=settings.model_copy(
+            update={"amqp_url": SecretStr(urls), "database_url": SecretStr(database_url)}
+        ),
+        writer_url=database_url,
+        dsn=dsn,
         amqp_url=urls,
-        extra={"cluster": cluster, "leader_of": "faults.apply"},
+        extra={"cluster": nodes, "leader_of": "faults.apply"},
     )
 
 

@@ -15,19 +15,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-import asyncpg
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from postroom import faults as points
 from postroom.settings import Settings
 from tests.apps.faultapp import router
-from tests.conftest import create_tables_at_head
 from tests.faults import chaos, hazards, servers
 from tests.faults.proxy import FaultProxy
-from tests.faults.scenario import Stage, run_scenario
+from tests.faults.scenario import Stage, private_database, run_scenario
 from tests.faults.workload import (
     Figures,
     prepare_schema,
@@ -83,19 +79,7 @@ async def private(settings: Settings, names: str) -> AsyncIterator[Stage]:
     try:
         await asyncio.gather(rabbit.start(), postgres.init())
         amqp_url = await rabbit.add_vhost(f"postroom-test-{names}")
-        conn = await asyncpg.connect(postgres.dsn(), timeout=10)
-        try:
-            await conn.execute("CREATE DATABASE postroom_faults")
-        finally:
-            await conn.close()
-        dsn = postgres.dsn("postroom_faults")
-        database_url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
-        engine = create_async_engine(database_url)
-        async with engine.begin() as conn2:
-            await conn2.execute(text(f'CREATE SCHEMA "{settings.schema_name}"'))
-            await conn2.run_sync(create_tables_at_head, settings.schema_name)
-        await engine.dispose()
-        await prepare_schema(dsn, settings.schema_name)
+        dsn, database_url = await private_database(postgres, "postroom_faults", settings)
         yield Stage(
             procs=settings.model_copy(
                 update={

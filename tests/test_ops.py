@@ -258,7 +258,9 @@ async def test_poison_replayed_by_filter_reaches_only_the_failing_consumer_once(
             engine, schema, Filters.parse(error_type="TimeoutError"), outbox=outbox, actor="ops"
         )
         assert nothing.items == () and not nothing.complete
-        await eventually(lambda: settled(engine, schema, amqp_url(books), [APPLY, NOTIFY]))  # nothing in flight
+        await eventually(
+            lambda: settled(engine, schema, amqp_url(books), [APPLY, NOTIFY])
+        )  # nothing in flight
     assert outcomes() == {"acked": 15, "dead": 9, "duplicate": 1}
 
     applied = await effects(sessions, schema, APPLY)
@@ -465,7 +467,9 @@ async def test_replay_killed_midway_then_rerun_completes_exactly_once(books, ses
 
     async with running_worker(books, router) as worker, running_relay(books):
         await eventually(lambda: worker.stats.outcomes.get("acked", 0) == 30)
-        await eventually(lambda: settled(engine, schema, amqp_url(books), [APPLY, NOTIFY]))  # nothing in flight
+        await eventually(
+            lambda: settled(engine, schema, amqp_url(books), [APPLY, NOTIFY])
+        )  # nothing in flight
     assert worker.stats.outcomes == {"acked": 30}
     applied = await effects(sessions, schema, APPLY)
     assert sorted(r.event_id for r in applied) == list(range(30))

@@ -16,8 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
 from postroom.settings import Settings
-from tests.faults import chaos
+from tests.conftest import create_tables_at_head
+from tests.faults import chaos, servers
 from tests.faults.workload import (
     Chaos,
     Fault,
@@ -29,6 +34,7 @@ from tests.faults.workload import (
     drain,
     foreign,
     inject,
+    prepare_schema,
     read_history,
 )
 
@@ -48,6 +54,29 @@ class Stage:
     amqp_url: str
     """Direct URL of the test vhost: topology and close_all_connections."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def private_database(
+    postgres: servers.PrivatePostgres, name: str, settings: Settings
+) -> tuple[str, str]:
+    """Create database *name* on a private cluster with postroom's and the fault app's
+    tables in ``settings.schema_name``; return its asyncpg DSN and SQLAlchemy URL."""
+    conn = await asyncpg.connect(postgres.dsn(), timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    dsn = postgres.dsn(name)
+    database_url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as conn2:
+            await conn2.execute(text(f'CREATE SCHEMA "{settings.schema_name}"'))
+            await conn2.run_sync(create_tables_at_head, settings.schema_name)
+    finally:
+        await engine.dispose()
+    await prepare_schema(dsn, settings.schema_name)
+    return dsn, database_url
 
 
 async def run_scenario(
