@@ -406,7 +406,10 @@ class Fleet:
     async def _supervise(self) -> None:
         while not self._stopping:
             for slot, proc in list(self.slots.items()):
-                if proc.popen.poll() is not None and id(proc) not in self._checked:
+                # A dead process still in its slot is replaced, whether or not its exit was
+                # already checked below (keying the restart on "not checked yet" lost a
+                # slot for good when it died between the two loops: found by the 100k run).
+                if proc.popen.poll() is not None:
                     self._check_exit(proc)
                     await asyncio.sleep(0.2)
                     if not self._stopping:
