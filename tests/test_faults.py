@@ -277,7 +277,9 @@ async def test_every_fault_kind_short(private_proxied, tmp_path, seed):
         duration=45,
         faults=EVERY_KIND,
         gap=(0.2, 0.8),
-        min_faults=len(EVERY_KIND),
+        # Every kind runs once (asserted below); not all bite in a short run: an armed
+        # worker may find no work before its 30 s are up once the writers are done.
+        min_faults=len(EVERY_KIND) * 2 // 3,
         drain_timeout=120,
     )
     assert_every_kind(figures, 1)
