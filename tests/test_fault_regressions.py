@@ -69,12 +69,12 @@ async def test_ordered_consumer_handover_keeps_key_order(settings, sessions):
     amqp_url = settings.amqp_url.get_secret_value()
     await prepare_schema(settings.asyncpg_dsn, settings.schema_name)
     await delete_queues(amqp_url, router)
-    small = settings.model_copy(update={"worker_prefetch": 4, "shutdown_timeout": 10.0})
+    small = settings.model_copy(update={"worker_prefetch": 4, "shutdown_timeout": 15.0})
     await declare_topology(small)
     box = Outbox.from_settings(small)
     async with sessions() as session, session.begin():
         for seq in range(1, 21):
-            slow = 1.5 if seq == 1 else 0.0
+            slow = 6.0 if seq == 1 else 0.0  # long enough to observe the state below
             await box.publish(session, Entry(key="k", seq=seq, sleep=slow), key="k")
     try:
         async with running_relay(small):
