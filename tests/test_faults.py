@@ -141,8 +141,10 @@ async def test_sigkill_at_named_crash_points(stage, tmp_path, seed):
         stage,
         tmp_path,
         seed=seed,
-        messages=500,
-        duration=12,
+        # A workload long enough that armed workers, slow to start on a busy machine,
+        # still find work to die on.
+        messages=1_200,
+        duration=30,
         faults=[chaos.crash_at_all(sorted(points.POINTS), timeout=20)],
         gap=(0.2, 0.5),
         writers={"poison_every": 13},
