@@ -248,9 +248,9 @@ async def test_flapping_broker_link_does_not_burn_delivery_limits(settings, sess
             await session.execute(text(f'SELECT reason FROM "{limited.schema_name}".dead_letters'))
         ).all()
     assert reasons == [], f"healthy messages dead-lettered: {reasons} after {flaps} flaps"
-    # Backing off, the pauses after the first four short sessions add up to at least
-    # 0.25 + 0.5 + 1 + 2 s; a tight loop would have flapped five times in well under one.
-    assert flapped_for >= 3.75, f"{flaps} reconnects in {flapped_for:.2f}s: no backoff"
+    # Backing off, five reconnects take seconds; a tight loop flaps five times in well
+    # under one (the reconnect itself is a few milliseconds on loopback).
+    assert flapped_for >= 1.0, f"{flaps} reconnects in {flapped_for:.2f}s: no backoff"
 
 
 async def _unacked(amqp_url: str, queue: str, count: int) -> bool:
