@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,16 @@ def create_tables_at_head(sync: Connection, schema: str) -> None:
     sync.execute(
         text(f'INSERT INTO "{schema}".{VERSION_TABLE} VALUES (:head)'), {"head": head_revision()}
     )
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """The fault scenarios' seed: ``--seed`` or FAULTS_SEED replays a run, else a fresh one."""
+    value = request.config.getoption("--seed")
+    if value is None:
+        value = int(os.environ.get("FAULTS_SEED") or random.SystemRandom().randrange(1, 1 << 31))
+    print(f"\nfault seed: {value} (replay with --seed {value})")
+    return value
 
 
 @pytest.fixture

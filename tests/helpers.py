@@ -7,12 +7,14 @@ import contextlib
 import json
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
+from sqlalchemy import text
 
 from postroom.relay import Relay
 from postroom.settings import Settings
@@ -31,6 +33,60 @@ class Received:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+async def delete_queues(amqp: str | AbstractConnection, consumers: Iterable[Any]) -> None:
+    """Delete each consumer's queue and its dead-letter queue (``<name>.dead``).
+
+    *consumers* are names or registrations (anything with a ``name``, e.g. a Router).
+    Apps fix their consumer names, so a test that ran one removes its queues afterwards;
+    the vhost is per test session, so parallel sessions (pytest-xdist) never share them.
+    *amqp* is an open connection or a URL (then a connection of its own is used).
+    """
+    names = [c if isinstance(c, str) else c.name for c in consumers]
+    connection = await aio_pika.connect(amqp, timeout=10) if isinstance(amqp, str) else amqp
+    try:
+        channel = await connection.channel()
+        for name in names:
+            for queue in (name, f"{name}.dead"):
+                await channel.queue_delete(queue)
+        await channel.close()
+    finally:
+        if isinstance(amqp, str):
+            await connection.close()
+
+
+async def queue_messages(amqp_url: str) -> dict[str, int]:
+    """Messages in each queue of *amqp_url*'s vhost, ready or delivered but not yet acked.
+
+    Asked of the broker (``rabbitmqctl list_queues``), so a test can wait until nothing
+    is left anywhere instead of sleeping and hoping nothing more arrives.
+    """
+    vhost = unquote(amqp_url.rsplit("/", 1)[1]) or "/"
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "list_queues",
+        "-p",
+        vhost,
+        "name",
+        "messages",
+        "--formatter",
+        "json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    if process.returncode != 0:
+        raise AssertionError(f"rabbitmqctl list_queues failed: {err.decode()[-300:]}")
+    return {q["name"]: int(q["messages"]) for q in json.loads(out)}
+
+
+async def settled(engine: Any, schema: str, amqp_url: str, queues: Iterable[str]) -> bool:
+    """Nothing left to happen: the outbox is empty and so are *queues*."""
+    async with engine.connect() as conn:
+        left = (await conn.execute(text(f'SELECT count(*) FROM "{schema}".outbox'))).scalar_one()
+    depths = await queue_messages(amqp_url)
+    return left == 0 and not any(depths.get(q, 0) for q in queues)
 
 
 async def bind_queue(

@@ -24,6 +24,7 @@ from tests.apps.billing import EFFECTS_DDL, Charge, Charged, router
 from tests.helpers import (
     bind_queue,
     collect,
+    delete_queues,
     eventually,
     running_relay,
     running_worker,
@@ -39,15 +40,6 @@ async def app(settings: Settings, sessions, amqp):
         await session.execute(text(EFFECTS_DDL.format(schema=settings.schema_name)))
     yield settings.model_copy(update={"worker_concurrency": 8, "shutdown_timeout": 5.0})
     await delete_queues(amqp, router)
-
-
-async def delete_queues(amqp, app_router) -> None:
-    """Consumer names are fixed by the app, so each test removes the queues it made."""
-    channel = await amqp.channel()
-    for consumer in app_router:
-        for name in (consumer.name, f"{consumer.name}.dead"):
-            await channel.queue_delete(name)
-    await channel.close()
 
 
 @pytest.fixture

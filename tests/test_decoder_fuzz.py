@@ -28,7 +28,7 @@ from sqlalchemy import text
 import postroom
 from postroom.router import Context
 from postroom.settings import Settings
-from tests.helpers import running_worker
+from tests.helpers import delete_queues, running_worker
 
 QUEUE = "fuzz.sink"
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)  # what the AMQP encoder takes
@@ -212,21 +212,11 @@ class Harness:
             self.thread.join(10)
 
 
-async def _delete_queues(amqp_url: str) -> None:
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        channel = await connection.channel()
-        for name in (QUEUE, f"{QUEUE}.dead"):
-            await channel.queue_delete(name)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture
 async def fuzz_settings(settings: Settings):
-    await _delete_queues(settings.amqp_url.get_secret_value())
+    await delete_queues(settings.amqp_url.get_secret_value(), [QUEUE])
     yield settings.model_copy(update={"max_body_bytes": 4096, "worker_concurrency": 8})
-    await _delete_queues(settings.amqp_url.get_secret_value())
+    await delete_queues(settings.amqp_url.get_secret_value(), [QUEUE])
 
 
 def test_decoder_survives_whatever_arrives(fuzz_settings, sessions_url):

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from examples.shop.consumers import router
 from postroom.settings import Settings
 from tests.conftest import ROOT, postroom_cmd, settings_env
+from tests.helpers import delete_queues
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -33,11 +34,7 @@ async def demo_settings(settings: Settings, engine, amqp):
     async with engine.begin() as conn:
         await conn.execute(text("DROP SCHEMA IF EXISTS shop CASCADE"))
         await conn.execute(text(f'DROP SCHEMA IF EXISTS "{demo.schema_name}" CASCADE'))
-    channel = await amqp.channel()
-    for consumer in router:
-        for name in (consumer.name, f"{consumer.name}.dead"):
-            await channel.queue_delete(name)
-    await channel.close()
+    await delete_queues(amqp, router)
 
 
 async def run_demo(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[int, str, str]:

@@ -29,7 +29,15 @@ from postroom.tables import dead_letters, schema_map
 from postroom.tables import outbox as outbox_table
 from tests.apps.repairable import DDL, Posted, router
 from tests.conftest import postroom_cmd, settings_env
-from tests.helpers import eventually, running_relay, running_worker, spawn, wait_exit
+from tests.helpers import (
+    delete_queues,
+    eventually,
+    running_relay,
+    running_worker,
+    settled,
+    spawn,
+    wait_exit,
+)
 
 APPLY, NOTIFY = "books.apply", "books.notify"
 
@@ -41,11 +49,11 @@ async def books(settings: Settings, sessions, amqp):
         for ddl in DDL:
             await session.execute(text(ddl.format(schema=settings.schema_name)))
     yield settings.model_copy(update={"worker_concurrency": 8, "shutdown_timeout": 5.0})
-    channel = await amqp.channel()
-    for consumer in router:
-        for name in (consumer.name, f"{consumer.name}.dead"):
-            await channel.queue_delete(name)
-    await channel.close()
+    await delete_queues(amqp, router)
+
+
+def amqp_url(settings: Settings) -> str:
+    return settings.amqp_url.get_secret_value()
 
 
 async def cli(settings: Settings, *args: str) -> Any:
@@ -252,7 +260,9 @@ async def test_poison_replayed_by_filter_reaches_only_the_failing_consumer_once(
             engine, schema, Filters.parse(error_type="TimeoutError"), outbox=outbox, actor="ops"
         )
         assert nothing.items == () and not nothing.complete
-        await asyncio.sleep(0.5)  # anything stray would arrive now
+        await eventually(
+            lambda: settled(engine, schema, amqp_url(books), [APPLY, NOTIFY])
+        )  # nothing in flight
     assert outcomes() == {"acked": 15, "dead": 9, "duplicate": 1}
 
     applied = await effects(sessions, schema, APPLY)
@@ -459,7 +469,9 @@ async def test_replay_killed_midway_then_rerun_completes_exactly_once(books, ses
 
     async with running_worker(books, router) as worker, running_relay(books):
         await eventually(lambda: worker.stats.outcomes.get("acked", 0) == 30)
-        await asyncio.sleep(0.5)
+        await eventually(
+            lambda: settled(engine, schema, amqp_url(books), [APPLY, NOTIFY])
+        )  # nothing in flight
     assert worker.stats.outcomes == {"acked": 30}
     applied = await effects(sessions, schema, APPLY)
     assert sorted(r.event_id for r in applied) == list(range(30))

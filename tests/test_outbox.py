@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import asyncpg
 import pytest
-from sqlalchemy import Integer, String, func, select
+from sqlalchemy import Integer, String, event, func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -16,8 +17,10 @@ from postroom.errors import (
     MessageTooLargeError,
     NotInTransactionError,
 )
+from postroom.outbox import notify_channel
 from postroom.settings import Settings
 from postroom.tables import outbox, schema_map
+from tests.helpers import eventually
 
 
 class OrderPlaced(Event, topic="shop.order-placed"):
@@ -144,11 +147,46 @@ async def test_delay_sets_available_at_in_the_future(settings, sessions):
     assert timedelta(minutes=59) < row <= timedelta(hours=1, seconds=1)
 
 
-async def test_many_publishes_in_one_transaction_share_one_notify(settings, sessions):
+async def test_many_publishes_in_one_transaction_share_one_notify(settings, engine, sessions):
+    """One NOTIFY statement per transaction, and a listener hears each committed one.
+
+    PostgreSQL folds identical notifications of one transaction into one, so a listener
+    alone cannot tell one NOTIFY from three: the statements sent are counted on the
+    engine, the notifications received on a LISTEN connection.
+    """
     box = Outbox.from_settings(settings)
-    async with sessions() as session, session.begin():
-        for i in range(3):
-            await box.publish(session, OrderPlaced(order_id=i, total_cents=1))
-        marker = session.info["postroom.notified_transaction"]()
-        assert marker is session.sync_session.get_transaction()
-    assert await count_rows(sessions, settings) == 3
+    sent: list[str] = []
+
+    def count_notify(conn, cursor, statement, parameters, context, executemany) -> None:
+        if "pg_notify" in statement:
+            sent.append(statement)
+
+    heard: list[str] = []
+    listener = await asyncpg.connect(settings.asyncpg_dsn)
+    await listener.add_listener(
+        notify_channel(settings.schema_name), lambda *args: heard.append(args[2])
+    )
+    event.listen(engine.sync_engine, "before_cursor_execute", count_notify)
+    try:
+        async with sessions() as session, session.begin():
+            for i in range(3):
+                await box.publish(session, OrderPlaced(order_id=i, total_cents=1))
+        await eventually(lambda: len(heard) == 1)
+        async with sessions() as session, session.begin():
+            await box.publish(session, OrderPlaced(order_id=3, total_cents=1))
+        await eventually(lambda: len(heard) == 2)
+        async with sessions() as session:
+            await session.begin()
+            await box.publish(session, OrderPlaced(order_id=4, total_cents=1))
+            await session.rollback()
+        # The committed pair is heard; the rollback must add nothing: a fourth commit,
+        # heard after it, proves the listener was still listening when it would have come.
+        async with sessions() as session, session.begin():
+            await box.publish(session, OrderPlaced(order_id=5, total_cents=1))
+        await eventually(lambda: len(heard) >= 3)
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", count_notify)
+        await listener.close()
+    assert len(sent) == 4, "one NOTIFY statement per publishing transaction"
+    assert len(heard) == 3, "one notification per commit, none for the rollback"
+    assert await count_rows(sessions, settings) == 5

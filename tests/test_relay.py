@@ -14,7 +14,15 @@ from postroom import Event, Outbox
 from postroom.faults import RELAY_AFTER_CONFIRM
 from postroom.settings import Settings
 from postroom.tables import outbox, schema_map
-from tests.helpers import bind_queue, collect, logs_of, running_relay, spawn, wait_exit
+from tests.helpers import (
+    bind_queue,
+    collect,
+    eventually,
+    logs_of,
+    running_relay,
+    spawn,
+    wait_exit,
+)
 
 
 class OrderPlaced(Event, topic="shop.order-placed"):
@@ -108,18 +116,37 @@ async def test_rolled_back_event_is_never_published(settings, sessions, amqp, na
     assert [m.json()["order_id"] for m in got] == [2]
 
 
-async def test_relay_killed_mid_batch_loses_nothing(settings, sessions, amqp, names):
+async def test_relay_killed_mid_batch_loses_nothing(settings, sessions, amqp, names, database_url):
     queue = await bind_queue(amqp, settings.exchange, ["shop.#"], f"q.{names}")
     await publish_many(sessions, settings, 300)
     # Crash exactly after the broker confirmed a batch, before the rows were deleted.
     crashing = spawn(settings, "relay", POSTROOM_CRASH_AT=RELAY_AFTER_CONFIRM)
     assert await wait_exit(crashing) == -signal.SIGKILL
     assert len(await pending(sessions, settings)) == 300  # the claim rolled back
-    # And once more at a random moment of a normal run.
-    relay = spawn(settings, "relay")
-    await asyncio.sleep(0.3)
-    relay.send_signal(signal.SIGKILL)
-    await wait_exit(relay)
+    # And once more mid-run, at a moment a batch is in flight: freeze the relay, look
+    # whether its claim transaction holds rows, SIGKILL it if so, else thaw and retry.
+    small = settings.model_copy(update={"relay_batch_size": 5})
+    relay = spawn(small, "relay")
+    admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await eventually(lambda: _rows_left(sessions, settings, below=300), timeout=30)
+        for _ in range(200):
+            relay.send_signal(signal.SIGSTOP)
+            in_flight = await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'postroom-relay' AND backend_xid IS NOT NULL"
+            )
+            if in_flight:
+                relay.send_signal(signal.SIGKILL)
+                break
+            relay.send_signal(signal.SIGCONT)
+            await asyncio.sleep(0.005)
+    finally:
+        await admin.close()
+    assert in_flight, "never caught the relay holding a claimed batch"
+    assert await wait_exit(relay) == -signal.SIGKILL
+    left = len(await pending(sessions, settings))
+    assert 0 < left < 300, f"killed mid-run with {left} rows left"
     restarted = spawn(settings, "relay")
     try:
         got = await collect(settings.amqp_url.get_secret_value(), queue, count=300, timeout=60)
@@ -132,8 +159,11 @@ async def test_relay_killed_mid_batch_loses_nothing(settings, sessions, amqp, na
         assert await wait_exit(restarted) == 0
     ids = {m.json()["order_id"] for m in got}
     assert ids == set(range(300)), "every committed row arrives at least once"
-    assert len(got) >= 300  # duplicates allowed, losses not
     assert await pending(sessions, settings) == []
+
+
+async def _rows_left(sessions, settings: Settings, *, below: int) -> bool:
+    return len(await pending(sessions, settings)) < below
 
 
 async def test_relay_recovers_from_broker_and_database_connection_kills(
@@ -242,3 +272,35 @@ async def test_unroutable_row_stays_with_its_error(settings, sessions):
             text(f'SELECT available_at > now() FROM "{settings.schema_name}".outbox')
         )
     assert delay, "a failed row is rescheduled, not retried in a hot loop"
+
+
+async def test_a_row_locked_by_another_transaction_holds_back_its_key(
+    settings, sessions, amqp, names, database_url
+):
+    """Found by the fault suite's `outbox_lock`: SKIP LOCKED passed over a key's locked
+    head row and published the rows after it, out of key order."""
+    queue = await bind_queue(amqp, settings.exchange, ["seq.#"], f"q.{names}")
+    await publish_many(sessions, settings, 4, per_tx=4, keys=1, prefix="held")  # seq 0..3
+    await publish_many(sessions, settings, 1, keys=1, prefix="free", start=4)
+    admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        lock = admin.transaction()
+        await lock.start()
+        locked = await admin.fetchval(
+            f'SELECT id FROM "{settings.schema_name}".outbox WHERE ordering_key = $1 '
+            "ORDER BY id LIMIT 1 FOR UPDATE",
+            "held0",
+        )
+        assert locked is not None
+        async with running_relay(settings) as relay:
+            # A batch ran while the head was locked: the later row of another key came out
+            # first, and nothing of the held key came before or with it.
+            first = await collect(settings.amqp_url.get_secret_value(), queue, count=1)
+            assert [m.json()["key"] for m in first] == ["free0"]
+            await eventually(lambda: relay.stats.batches >= 1)  # settled after its commit
+            assert relay.stats.published == 1
+            await lock.rollback()
+            rest = await collect(settings.amqp_url.get_secret_value(), queue, count=4)
+    finally:
+        await admin.close()
+    assert [(m.json()["key"], m.json()["seq"]) for m in rest] == [("held0", s) for s in range(4)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from postroom.errors import ConfigError
+from postroom.redaction import amqp_urls
 from postroom.settings import Settings, redact_url
 
 URL = "postgresql+asyncpg://app:s3cret@db.internal:5432/app"
@@ -80,3 +81,25 @@ def test_secrets_never_appear_in_repr_or_description():
         settings.describe()["database_url"] == "postgresql+asyncpg://app:***@db.internal:5432/app"
     )
     assert redact_url("amqp://guest@localhost/") == "amqp://guest@localhost/"
+
+
+def test_several_broker_urls_are_checked_each_and_redacted_each():
+    nodes = (
+        "amqp://app:pw,1@rabbit-0:5672/v, amqp://app:pw2@rabbit-1:5672/v,amqp://app:pw3@rabbit-2/v"
+    )
+    settings = Settings.from_env({"POSTROOM_DATABASE_URL": URL, "POSTROOM_AMQP_URL": nodes})
+    assert amqp_urls(settings.amqp_url.get_secret_value()) == [
+        "amqp://app:pw,1@rabbit-0:5672/v",  # a comma inside a URL stays in it
+        "amqp://app:pw2@rabbit-1:5672/v",
+        "amqp://app:pw3@rabbit-2/v",
+    ]
+    shown = str(settings.describe())
+    assert "pw" not in shown and "rabbit-2" in shown
+    assert settings.broker.urls == amqp_urls(nodes) and "pw3" not in settings.broker.redacted
+    assert {"pw,1", "pw2", "pw3"} <= settings.secrets()
+    for bad, why in (
+        ("amqp://h/,amqp:///nohost", "has no host"),
+        ("amqp://h/,amqps://i/", "scheme"),
+    ):
+        with pytest.raises(ConfigError, match=f"POSTROOM_AMQP_URL.*{why}"):
+            Settings.from_env({"POSTROOM_DATABASE_URL": URL, "POSTROOM_AMQP_URL": bad})

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 
 from postroom import Outbox
 from postroom.settings import Settings
 from tests.apps.billing import EFFECTS_DDL, Charge, router
-from tests.helpers import eventually, free_port, http_get, logs_of, running_relay, spawn, wait_exit
+from tests.helpers import (
+    delete_queues,
+    eventually,
+    free_port,
+    http_get,
+    logs_of,
+    running_relay,
+    spawn,
+    wait_exit,
+)
 
 
 @pytest.fixture
@@ -19,11 +30,7 @@ async def app(settings: Settings, sessions, amqp):
     async with sessions() as session, session.begin():
         await session.execute(text(EFFECTS_DDL.format(schema=settings.schema_name)))
     yield settings
-    channel = await amqp.channel()
-    for consumer in router:
-        for name in (consumer.name, f"{consumer.name}.dead"):
-            await channel.queue_delete(name)
-    await channel.close()
+    await delete_queues(amqp, router)
 
 
 async def count(sessions, settings: Settings, sql: str) -> int:
@@ -46,11 +53,10 @@ async def test_sigterm_mid_handler_finishes_in_flight_and_loses_nothing(app, ses
             await eventually(lambda: _status(port, "/readyz", 200), timeout=30)
             status, _, body = await http_get(port, "/metrics")
             assert status == 200 and b"postroom_consumer_messages_total" in body
-            # Wait until slow handlers are running, then ask the worker to stop.
-            await eventually(
-                lambda: count(sessions, app, 'SELECT count(*) FROM "{s}".inbox'), timeout=30
-            )
+            # Wait until slow handlers are mid-transaction, then ask the worker to stop.
+            await eventually(lambda: _handlers_running(app), timeout=30)
             worker.send_signal(signal.SIGTERM)
+            applied_at_sigterm = await count(sessions, app, APPLIED)
             started = asyncio.get_running_loop().time()
             code = await wait_exit(worker, timeout=30)
             took = asyncio.get_running_loop().time() - started
@@ -59,6 +65,10 @@ async def test_sigterm_mid_handler_finishes_in_flight_and_loses_nothing(app, ses
                 worker.kill()
         assert code == 0, logs_of(worker)
         assert took < worker_settings.shutdown_timeout + 5
+        # The SIGTERM caught work in flight, and the drain finished it (committed, acked).
+        draining = re.search(r"worker\.draining.*?inflight\W+(\d+)", logs_of(worker, tail=10**7))
+        assert draining and int(draining.group(1)) >= 1, logs_of(worker)
+        assert await count(sessions, app, APPLIED) > applied_at_sigterm
         assert await count(sessions, app, 'SELECT count(*) FROM "{s}".dead_letters') == 0
         # Everything not applied was requeued: a second worker finishes the rest, once each.
         second = spawn(app, "worker", "tests.apps.billing:router")
@@ -74,6 +84,23 @@ async def test_sigterm_mid_handler_finishes_in_flight_and_loses_nothing(app, ses
         == 40
     )
     assert await count(sessions, app, 'SELECT count(*) FROM "{s}".dead_letters') == 0
+
+
+APPLIED = "SELECT count(*) FROM \"{s}\".effects WHERE consumer = 'billing.charge'"
+
+
+async def _handlers_running(settings: Settings) -> bool:
+    """Some handler of the worker is inside its transaction (it wrote; not committed)."""
+    conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=10)
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'postroom-worker' AND backend_xid IS NOT NULL"
+            )
+        )
+    finally:
+        await conn.close()
 
 
 async def _status(port: int, path: str, expected: int) -> bool:

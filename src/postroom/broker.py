@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from postroom.errors import ConfigError
-from postroom.redaction import redact_url, url_secrets
+from postroom.redaction import amqp_urls, redact_url, url_secrets
 from postroom.tls import ClientTLS, Verify, client_tls
 
 SETTING = "POSTROOM_AMQP_URL"
@@ -48,7 +48,18 @@ class Broker:
         key: str | None = None,
         key_password: str | None = None,
     ) -> Broker:
-        """Check *url* and the TLS files; raise :class:`ConfigError` naming the setting."""
+        """Check *url* and the TLS files; raise :class:`ConfigError` naming the setting.
+
+        *url* may list several brokers (a cluster's nodes), comma-separated: each is
+        checked, they share the TLS settings, and :func:`postroom.rabbit.connect` fails
+        over between them.
+        """
+        if len(urls := amqp_urls(url)) > 1:
+            tls_files = {"ca": ca, "cert": cert, "key": key, "key_password": key_password}
+            first, *rest = [cls.parse(one, **tls_files) for one in urls]
+            if any((b.tls is None) != (first.tls is None) for b in rest):
+                raise ConfigError(f"{SETTING}: list brokers of one scheme, amqp:// or amqps://")
+            return cls(url=",".join(urls), host=first.host, user=first.user, tls=first.tls)
         try:
             parts = urlsplit(url)
             _ = parts.port
@@ -86,6 +97,11 @@ class Broker:
             )
         user = unquote(parts.username) if parts.username else "guest"
         return cls(url=url, host=parts.hostname, user=user, tls=tls)
+
+    @property
+    def urls(self) -> list[str]:
+        """Each broker's URL (one, or a cluster's nodes)."""
+        return amqp_urls(self.url)
 
     @property
     def redacted(self) -> str:

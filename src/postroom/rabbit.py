@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +18,7 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, ExchangeType
-from aiormq.abc import ChannelFrame
+from aiormq.abc import ChannelFrame, FieldTable
 from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
@@ -42,14 +43,24 @@ async def connect(broker: Broker | str, *, name: str, timeout: float = 10.0) -> 
 
     *broker* is ``settings.broker`` (its TLS context verifies ``amqps://`` peers); a bare
     URL is parsed as one with no TLS files, so it verifies against the system store.
+    A broker listing several URLs (the nodes of a cluster) is tried in a random order,
+    which spreads clients over the nodes, and the first that accepts wins; when none
+    does, the last one's error is raised. Callers reconnect by calling this again, so a
+    client whose node went away fails over to another one.
     """
     if isinstance(broker, str):
         broker = Broker.parse(broker)
+    order = random.sample(urls := broker.urls, len(urls))
+    properties: FieldTable = {"connection_name": name}
+    for url in order[:-1]:
+        try:
+            return await aio_pika.connect(
+                url, timeout=timeout, ssl_context=broker.ssl_context, client_properties=properties
+            )
+        except (OSError, TimeoutError, BrokerError):
+            continue  # the next node; the last one's error is the caller's
     return await aio_pika.connect(
-        broker.url,
-        timeout=timeout,
-        ssl_context=broker.ssl_context,
-        client_properties={"connection_name": name},
+        order[-1], timeout=timeout, ssl_context=broker.ssl_context, client_properties=properties
     )
 
 

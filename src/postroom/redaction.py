@@ -22,6 +22,7 @@ holds the message as sent, so a plain replay refuses it (edit-and-replay supplie
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +38,22 @@ PUBLIC_VALUES = frozenset({"", "guest"})
 masking the word would garble every line naming the ``guest`` user."""
 
 
+def amqp_urls(value: str) -> list[str]:
+    """Split ``POSTROOM_AMQP_URL``'s comma-separated broker list (the nodes of a cluster).
+
+    Only a comma followed by ``amqp://`` or ``amqps://`` separates two URLs, so a comma
+    inside a URL (a password, a query) stays in it. One URL gives a list of one.
+    """
+    return [part.strip() for part in _URL_SEPARATOR.split(value.strip())]
+
+
+_URL_SEPARATOR = re.compile(r",\s*(?=amqps?://)")
+
+
 def redact_url(url: str) -> str:
-    """Return *url* with its passwords replaced by ``***``, safe to print anywhere."""
+    """Return *url* (each URL of a broker list) with passwords replaced by ``***``."""
+    if _URL_SEPARATOR.search(url):
+        return ",".join(redact_url(one) for one in amqp_urls(url))
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -61,7 +76,9 @@ def redact_url(url: str) -> str:
 
 
 def url_secrets(url: str) -> set[str]:
-    """Return the secret values inside *url*: its password and secret query values."""
+    """Return the secret values inside *url* (or each URL of a broker list)."""
+    if _URL_SEPARATOR.search(url):
+        return set().union(*(url_secrets(one) for one in amqp_urls(url)))
     found: set[str] = set()
     try:
         parts = urlsplit(url)

@@ -7,8 +7,9 @@ re-publish, never a loss; consumers' inboxes absorb the duplicate.
 
 Per-key order across several relays: a keyed row is claimed only while holding the
 transaction-level advisory lock of its key's partition, and only if no earlier row of
-the key is waiting (delayed or rescheduled), so one relay at a time publishes a key,
-in id order, which is commit order for writers that serialise on the key.
+the key is waiting (delayed, rescheduled, or locked by another transaction), so one
+relay at a time publishes a key, in id order, which is commit order for writers that
+serialise on the key.
 """
 
 from __future__ import annotations
@@ -385,15 +386,22 @@ def _head_partitions_sql(outbox: str) -> str:
 
 def _claim_sql(outbox: str) -> str:
     # $1 batch size, $2 key partitions, $3 partitions this transaction holds.
+    # SKIP LOCKED passes over rows another transaction holds (a long transaction, an
+    # operator's UPDATE): the outer filter then drops the claimed rows of a key whose
+    # earlier row was passed over, so a key never jumps its head.
     return (
-        "SELECT o.id, o.message_id, o.topic, o.exchange, o.routing_key, o.headers, o.body, "  # noqa: S608
-        "o.content_type, o.correlation_id, o.occurred_at, o.attempts "
+        "WITH claimed AS ("  # noqa: S608
+        "SELECT o.id, o.message_id, o.topic, o.exchange, o.routing_key, o.headers, o.body, "
+        "o.content_type, o.correlation_id, o.occurred_at, o.attempts, o.ordering_key "
         f"FROM {outbox} AS o "
         "WHERE o.available_at <= now() AND (o.ordering_key IS NULL OR ("
         f"{_PARTITION} = ANY($3::int[]) "
         f"AND NOT EXISTS (SELECT 1 FROM {outbox} AS e WHERE e.ordering_key = o.ordering_key "
         "AND e.id < o.id AND e.available_at > now()))"
-        ") ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
+        ") ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED) "
+        "SELECT c.* FROM claimed AS c WHERE c.ordering_key IS NULL OR NOT EXISTS ("
+        f"SELECT 1 FROM {outbox} AS e WHERE e.ordering_key = c.ordering_key "
+        "AND e.id < c.id AND e.id NOT IN (SELECT id FROM claimed)) ORDER BY c.id"
     )
 
 

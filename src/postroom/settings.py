@@ -120,7 +120,8 @@ class Settings(BaseSettings):
     )
     amqp_url: SecretStr = Field(
         default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"),
-        description="RabbitMQ URL, amqp:// or amqps:// (TLS, certificate and host name verified).",
+        description="RabbitMQ URL, amqp:// or amqps:// (TLS, certificate and host name "
+        "verified); several (a cluster's nodes) comma-separated.",
     )
     amqp_tls_ca: str | None = Field(
         default=None,

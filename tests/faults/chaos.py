@@ -64,6 +64,7 @@ def crash_at_all(points: list[str], *, timeout: float = 30.0) -> Fault:
     async def fault(chaos: Chaos) -> None:
         await asyncio.gather(*(f(chaos) for f in faults))
 
+    fault.__name__ = "crash_at_all"
     return fault
 
 
@@ -88,6 +89,7 @@ def proxy_reset(which: str) -> Fault:
         killed = await _proxy(chaos, which).reset_all()
         chaos.note(f"{which}_proxy_reset", f"{killed} connections")
 
+    fault.__name__ = f"{which}_proxy_reset"
     return fault
 
 
@@ -102,6 +104,7 @@ def proxy_blackhole(which: str, seconds: tuple[float, float] = (1.0, 4.0)) -> Fa
         finally:
             proxy.blackhole(False)
 
+    fault.__name__ = f"{which}_proxy_blackhole"
     return fault
 
 
@@ -117,6 +120,7 @@ def proxy_latency(which: str, seconds: tuple[float, float] = (2.0, 5.0)) -> Faul
         finally:
             proxy.latency(0.0)
 
+    fault.__name__ = f"{which}_proxy_latency"
     return fault
 
 
@@ -132,6 +136,7 @@ def proxy_cut(which: str, seconds: tuple[float, float] = (1.0, 3.0)) -> Fault:
         finally:
             proxy.cut_after(None)
 
+    fault.__name__ = f"{which}_proxy_cut"
     return fault
 
 
@@ -149,6 +154,7 @@ def proxy_refuse(which: str, seconds: tuple[float, float] = (1.0, 3.0)) -> Fault
         finally:
             proxy.refuse(False)
 
+    fault.__name__ = f"{which}_proxy_refuse"
     return fault
 
 

@@ -174,8 +174,18 @@ class PrivateRabbit:
     AMQPS only: a plain AMQP client finds no plain listener.
     """
 
-    def __init__(self, tls: tuple[Path, Path, Path] | None = None) -> None:
-        self.node = f"postroom-test-{uuid.uuid4().hex[:8]}@localhost"
+    def __init__(
+        self,
+        tls: tuple[Path, Path, Path] | None = None,
+        *,
+        name: str | None = None,
+        cookie: str | None = None,
+        conf: str = "",
+    ) -> None:
+        """*name*, *cookie* and extra *conf* lines are for cluster nodes (see
+        :mod:`tests.faults.cluster`): a private Erlang cookie, a partition handling mode."""
+        self.node = f"{name or 'postroom-test-' + uuid.uuid4().hex[:8]}@localhost"
+        self.cookie = cookie
         self.port = free_port()
         self.dist_port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="postroom-rabbit-"))
@@ -193,9 +203,13 @@ class PrivateRabbit:
                 f"ssl_options.keyfile = {key}\nssl_options.verify = verify_none\n"
                 "ssl_options.fail_if_no_peer_cert = false\nloopback_users = none\n"
             )
-        (self.dir / "rabbitmq.conf").write_text(config)
-        for name in ("enabled_plugins", "rabbitmq.conf"):
-            shutil.chown(self.dir / name, "rabbitmq")
+        (self.dir / "rabbitmq.conf").write_text(config + conf)
+        for file in ("enabled_plugins", "rabbitmq.conf"):
+            shutil.chown(self.dir / file, "rabbitmq")
+        if cookie is not None:
+            (self.dir / ".erlang.cookie").write_text(cookie)
+            shutil.chown(self.dir / ".erlang.cookie", "rabbitmq")
+            (self.dir / ".erlang.cookie").chmod(0o400)
         self.running = False
 
     def _own(self, source: Path) -> Path:
@@ -211,8 +225,17 @@ class PrivateRabbit:
         return f"{scheme}://guest:guest@127.0.0.1:{self.port}/"
 
     def _env(self) -> list[str]:
+        private = self.cookie is not None
         return [
-            "HOME=/var/lib/rabbitmq",
+            f"HOME={self.dir if private else '/var/lib/rabbitmq'}",
+            # Cluster nodes: one scheduler, no busy waiting (three VMs share two cores).
+            *(
+                [
+                    "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=+S 1:1 +sbwt none +sbwtdcpu none +sbwtdio none"
+                ]
+                if private
+                else []
+            ),
             f"RABBITMQ_NODENAME={self.node}",
             f"RABBITMQ_NODE_PORT={self.port}",
             f"RABBITMQ_DIST_PORT={self.dist_port}",
@@ -245,7 +268,8 @@ class PrivateRabbit:
             self.running = False
 
     async def ctl(self, *args: str, timeout: float = 60.0) -> str:
-        return await run(rabbitmqctl(), "-n", self.node, *args, timeout=timeout)
+        cookie = ["--erlang-cookie", self.cookie] if self.cookie else []
+        return await run(rabbitmqctl(), *cookie, "-n", self.node, *args, timeout=timeout)
 
     async def add_vhost(self, vhost: str) -> str:
         await self.ctl("add_vhost", vhost)
