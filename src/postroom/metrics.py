@@ -358,6 +358,15 @@ class RelayStats:
         return _count(self._metrics, self._metrics.relay_failed)
 
     @property
+    def batches(self) -> int:
+        """Batches settled (claimed, published, committed): the batch histogram's count."""
+        for family in self._metrics.relay_batch_seconds.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    return int(sample.value)
+        return 0
+
+    @property
     def reconnects(self) -> int:
         return _count(self._metrics, self._metrics.reconnects, component="relay")
 
