@@ -60,6 +60,7 @@ EXPECTED_FAMILIES = {
     "postroom_handlers_in_flight": "gauge",
     "postroom_connection_up": "gauge",
     "postroom_event_loop_lag_seconds": "gauge",
+    "postroom_consumer_paused": "gauge",
 }
 
 

@@ -12,6 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from postroom import cli_ops, cli_outbox
+from postroom.cli_consumers import consumers_app
 from postroom.cli_dead_letters import dead_letters_app
 from postroom.cli_topology import topology_app
 from postroom.errors import ConfigError, PostroomError
@@ -320,6 +321,7 @@ cli_ops.outbox_app.command("show")(cli_outbox.show_row)
 cli_ops.outbox_app.command()(cli_outbox.retry)
 cli_ops.outbox_app.command()(cli_outbox.discard)
 app.add_typer(topology_app, name="topology")
+app.add_typer(consumers_app, name="consumers")
 app.command()(cli_ops.prune)
 app.command()(cli_ops.audit)
 
