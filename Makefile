@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench services
+.PHONY: demo test lint bench services browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,13 @@ $(BIN)/.installed: pyproject.toml
 services:
 	@scripts/ensure-services
 
+browser:
+	@scripts/ensure-browser
+
 demo: $(BIN)/.installed services
 	$(BIN)/postroom demo
 
-test: $(BIN)/.installed services
+test: $(BIN)/.installed services browser
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
