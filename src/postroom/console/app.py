@@ -17,7 +17,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
-from starlette.routing import Mount
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from postroom.console import actions, views
@@ -25,8 +26,8 @@ from postroom.console.auth import Gate, Refused, set_session
 from postroom.console.state import Console, console_of
 from postroom.settings import Settings
 
-OPEN_PATHS = ("/login", "/static/")
-"""Paths served without a session: the login form and the assets it needs."""
+OPEN_PATHS = ("/login", "/static/", "/livez")
+"""Paths served without a session: the login form, its assets, the liveness probe."""
 
 SECURITY_HEADERS = {
     # Everything the pages use ships in the package: no inline script, no other origin.
@@ -68,6 +69,7 @@ def build(
 
     app = Starlette(
         routes=[
+            Route("/livez", _alive),
             *views.ROUTES,
             *actions.ROUTES,
             Mount("/static", StaticFiles(packages=[("postroom.console", "static")])),
@@ -107,6 +109,11 @@ async def _authenticate(
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     return response
+
+
+async def _alive(_request: Request) -> Response:
+    """Answer the liveness probe: the process serves requests (no database round trip)."""
+    return PlainTextResponse("ok")
 
 
 async def _refused(request: Request, exc: Exception) -> Response:
