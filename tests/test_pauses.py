@@ -22,7 +22,7 @@ from postroom.metrics import Metrics
 from postroom.router import Context, Router
 from postroom.settings import Settings
 from postroom.worker import Worker
-from tests.helpers import eventually, running_relay
+from tests.helpers import eventually, logs_of, running_relay, spawn, wait_exit
 
 BOUND = 4.0
 """Seconds after a pause within which no handler of that consumer may still run."""
@@ -82,7 +82,6 @@ async def test_pause_stops_one_consumer_resume_drains_it(
             "shutdown_timeout": 5.0,
         }
     )
-    metrics = Metrics()
     box = Outbox.from_settings(tuned)
     published = 0
     publishing = asyncio.Event()
@@ -102,15 +101,17 @@ async def test_pause_stops_one_consumer_resume_drains_it(
             sessions, f'SELECT count(*) FROM "{schema}".ticks WHERE consumer = :c', c=consumer
         )
 
-    worker = Worker(tuned, router, metrics=metrics)
+    # Two workers, as two replicas: each one must stop taking the paused consumer's messages.
+    meters = [Metrics(), Metrics()]
+    workers = [Worker(tuned, router, metrics=m) for m in meters]
     stop = asyncio.Event()
     async with running_relay(tuned):
-        running = asyncio.create_task(worker.run(stop))
+        running = [asyncio.create_task(worker.run(stop)) for worker in workers]
         publisher: asyncio.Task[None] | None = None
         try:
             # Publish once both queues are declared: a message relayed before would reach
             # only the queues bound by then.
-            await eventually(lambda: worker.ready, timeout=20)
+            await eventually(lambda: all(worker.ready for worker in workers), timeout=20)
             publisher = asyncio.create_task(publish_steadily())
             await eventually(lambda: _at_least(effects(paused), 20), timeout=30)
 
@@ -118,7 +119,8 @@ async def test_pause_stops_one_consumer_resume_drains_it(
             _, changed = await pauses.pause(engine, schema, paused, actor="test", reason="drill")
             assert changed
             paused_at = asyncio.get_running_loop().time()
-            await eventually(lambda: _gauge(metrics, paused) == 1.0, timeout=BOUND)
+            for meter in meters:
+                await eventually(lambda m=meter: _gauge(m, paused) == 1.0, timeout=BOUND)
             await asyncio.sleep(0.5)  # the last handlers that were running commit
             frozen = await effects(paused)
             assert asyncio.get_running_loop().time() - paused_at < BOUND
@@ -127,11 +129,12 @@ async def test_pause_stops_one_consumer_resume_drains_it(
             await eventually(lambda: _at_least(effects(flowing), flowing_then + 60), timeout=30)
             assert await effects(paused) == frozen, "a handler of the paused consumer ran"
             assert await ready_count(amqp, paused) >= ready_then + 40, "its queue did not grow"
-            assert _gauge(metrics, flowing) == 0.0
+            assert _gauge(meters[0], flowing) == 0.0
 
             # Resume: the queue drains, both consumers end with every message once.
             assert await pauses.resume(engine, schema, paused, actor="test") is not None
-            await eventually(lambda: _gauge(metrics, paused) == 0.0, timeout=BOUND)
+            for meter in meters:
+                await eventually(lambda m=meter: _gauge(m, paused) == 0.0, timeout=BOUND)
             publishing.clear()
             await publisher
             for consumer in (paused, flowing):
@@ -155,14 +158,14 @@ async def test_pause_stops_one_consumer_resume_drains_it(
             dead = await scalar(sessions, f'SELECT count(*) FROM "{schema}".dead_letters')
             assert dead == 0
             assert await ready_count(amqp, paused) == 0
-            assert worker.stats.reconnects == 0, "a pause must not look like an outage"
+            assert [w.stats.reconnects for w in workers] == [0, 0], "a pause is no outage"
         finally:
             publishing.clear()
             if publisher is not None:
                 with contextlib.suppress(Exception):
                     await publisher
             stop.set()
-            await asyncio.wait_for(running, timeout=20)
+            await asyncio.wait_for(asyncio.gather(*running), timeout=30)
             channel = await amqp.channel()
             for consumer in router:
                 for name in (consumer.name, f"{consumer.name}.dead"):
@@ -230,3 +233,20 @@ async def test_consumers_cli_pause_list_resume_and_audit(settings: Settings, eng
         ("bo", "consumers.resume", "books.apply"),
         ("ana", "consumers.pause", "books.apply"),
     ]
+
+
+async def test_worker_on_a_schema_without_pauses_says_migrate(
+    settings: Settings, sessions, amqp
+) -> None:
+    async with sessions() as session, session.begin():
+        await session.execute(text(f'DROP TABLE "{settings.schema_name}".pauses'))
+    worker = spawn(settings, "worker", "tests.apps.repairable:router")
+    code = await wait_exit(worker, timeout=60)
+    log = logs_of(worker)
+    assert code == 2, log
+    assert f"schema '{settings.schema_name}' has no table pauses" in log
+    assert "run `postroom migrate`" in log and "Traceback" not in log
+    channel = await amqp.channel()
+    for name in ("books.apply", "books.apply.dead", "books.notify", "books.notify.dead"):
+        await channel.queue_delete(name)
+    await channel.close()

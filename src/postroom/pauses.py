@@ -16,13 +16,16 @@ from typing import Any
 
 from sqlalchemy import delete, select, text
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from postroom import audit
 from postroom.audit import Action
+from postroom.errors import ConfigError
 from postroom.tables import pauses, qualified, schema_map
 
 MAX_REASON_CHARS = 500
+UNDEFINED_TABLE = "42P01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +47,22 @@ class Pause:
 
 
 async def read(db: AsyncConnection | AsyncSession, schema: str) -> dict[str, Pause]:
-    """Return the paused consumers by name, read on *db* (a connection or a session)."""
-    result = await db.execute(
-        select(pauses).order_by(pauses.c.consumer),
-        execution_options={"schema_translate_map": schema_map(schema)},
-    )
+    """Return the paused consumers by name, read on *db* (a connection or a session).
+
+    Raises ConfigError when the table is missing: the schema is behind head.
+    """
+    try:
+        result = await db.execute(
+            select(pauses).order_by(pauses.c.consumer),
+            execution_options={"schema_translate_map": schema_map(schema)},
+        )
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == UNDEFINED_TABLE:
+            raise ConfigError(
+                f"schema {schema!r} has no table pauses (it is behind head); "
+                "run `postroom migrate`"
+            ) from None
+        raise
     return {row.consumer: Pause(**row._mapping) for row in result.all()}
 
 
