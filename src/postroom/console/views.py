@@ -32,6 +32,11 @@ def filters_of(params: Mapping[str, str], *, status: str | None = "dead") -> tri
     def given(name: str) -> str | None:
         return (params.get(name) or "").strip() or None
 
+    try:
+        ids = [int(part) for part in (params.get("ids") or "").replace(",", " ").split()]
+    except ValueError:
+        raise InvalidFilterError("ids are dead-letter ids: numbers, separated by spaces") from None
+
     return triage.Filters.parse(
         consumer=given("consumer"),
         topic=given("topic"),
@@ -41,6 +46,7 @@ def filters_of(params: Mapping[str, str], *, status: str | None = "dead") -> tri
         since=given("since"),
         until=given("until"),
         status=given("status") or status,
+        ids=ids,
     )
 
 
@@ -48,7 +54,9 @@ def query_of(params: Mapping[str, str], *, drop: tuple[str, ...] = ()) -> str:
     """The filter fields of *params* as a query string, for links that keep them."""
     from urllib.parse import urlencode
 
-    kept = {k: v for k, v in params.items() if k in (*FILTERS, "status") and v and k not in drop}
+    kept = {
+        k: v for k, v in params.items() if k in (*FILTERS, "status", "ids") and v and k not in drop
+    }
     return urlencode(kept)
 
 
