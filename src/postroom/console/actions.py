@@ -41,11 +41,13 @@ class Slice:
 
 
 async def login_form(request: Request) -> Response:
+    """Show the login form: a name (the actor in the audit) and a console token."""
     console = console_of(request)
     return console.render(request, "login.html", error=None)
 
 
 async def login(request: Request) -> Response:
+    """Start a session for a name and a valid token; the token decides the role."""
     console = console_of(request)
     form = await request.form()
     try:
@@ -58,6 +60,7 @@ async def login(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
+    """End the session (a POST with its CSRF token, so no other site can log you out)."""
     await _change(request, operator=False)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE, path="/")
@@ -131,6 +134,7 @@ async def confirm(request: Request) -> Response:
 
 
 async def pause(request: Request) -> Response:
+    """Pause a known consumer, with the user as actor and the form's reason."""
     console = console_of(request)
     identity, form = await _change(request)
     name = _text(form, "consumer")
@@ -143,6 +147,7 @@ async def pause(request: Request) -> Response:
 
 
 async def resume(request: Request) -> Response:
+    """Resume a consumer (nothing happens, and nothing is audited, if it is not paused)."""
     console = console_of(request)
     identity, form = await _change(request)
     await pauses.resume(console.db, console.schema, _text(form, "consumer"), actor=identity.actor)
