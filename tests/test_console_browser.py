@@ -194,6 +194,8 @@ async def test_on_call_trial_in_the_browser(books: Settings, sessions, tmp_path:
             assert tuple(pause) == (NOTIFY, "ana", "invoicing is down")
 
             await page.click("nav >> text=Audit")
+            await expect(page.locator("h1")).to_have_text("Audit trail")
+            await expect(page.locator("#audit tbody tr")).to_have_count(3)
             actions = await page.locator("#audit tbody tr td:nth-child(4)").all_inner_texts()
             assert actions == ["consumers.pause", "dead_letters.purge", "dead_letters.replay"]
             await shot(page, tmp_path, "audit")
