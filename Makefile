@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench services monitoring-tools
+.PHONY: demo test lint bench services monitoring-tools browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,14 @@ services:
 monitoring-tools:
 	@scripts/ensure-prometheus
 
+# Debian's chromium for the web console's browser test.
+browser:
+	@scripts/ensure-browser
+
 demo: $(BIN)/.installed services
 	$(BIN)/postroom demo
 
-test: $(BIN)/.installed services monitoring-tools
+test: $(BIN)/.installed services monitoring-tools browser
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports

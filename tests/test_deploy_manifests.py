@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 BASE = DEPLOY / "k8s" / "base"
 DEV = DEPLOY / "k8s" / "overlays" / "dev"
+CONSOLE = DEPLOY / "k8s" / "overlays" / "console"
+CONSOLE_SECRET = "postroom-console"
 
 APP_UID = 10001
 HEALTH_PORT = 9000
@@ -48,6 +50,12 @@ KNOWN_SETTINGS = {
     "POSTROOM_WORKER_CONCURRENCY",
     "POSTROOM_RELAY_BATCH_SIZE",
     "POSTROOM_POLL_INTERVAL",
+    "POSTROOM_CONSOLE_HOST",
+    "POSTROOM_CONSOLE_PORT",
+    "POSTROOM_CONSOLE_TOKEN",
+    "POSTROOM_CONSOLE_READ_TOKEN",
+    "POSTROOM_CONSOLE_TRUSTED_HEADER",
+    "POSTROOM_CONSOLE_OPERATORS",
 }
 KNOWN_VARIABLES = KNOWN_SETTINGS | {f"{name}_FILE" for name in KNOWN_SETTINGS}
 SECRET_SETTINGS = {"POSTROOM_DATABASE_URL", "POSTROOM_AMQP_URL"}
@@ -119,6 +127,7 @@ SOURCES = {
     "raw-base": _raw_base,
     "kustomize-base": lambda: _kustomize(BASE),
     "kustomize-dev": lambda: _kustomize(DEV),
+    "kustomize-console": lambda: _kustomize(CONSOLE),
 }
 
 
@@ -441,3 +450,35 @@ def test_dockerfile() -> None:
     ]
     assert rules[0] == "*"
     assert {"!pyproject.toml", "!README.md", "!src/", "!migrations/"} <= set(rules)
+
+
+# --------------------------------------------------------------------------- console overlay
+
+
+def test_console_overlay_serves_one_authenticated_replica() -> None:
+    objects = _kustomize(CONSOLE)
+    console = _find(objects, "Deployment", "postroom-console")
+    service = _find(objects, "Service", "postroom-console")
+    container = _main_container(console)
+    assert container["args"] == ["console"]
+    assert console["spec"]["replicas"] == 1, "sessions are signed with a per-process key"
+    assert service["spec"]["type"] == "ClusterIP", "reach it through a port-forward or a proxy"
+    env = _effective_env(objects, container)
+    assert env["POSTROOM_CONSOLE_HOST"] == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == int(env["POSTROOM_CONSOLE_PORT"])
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http"}
+    labels = console["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/livez"
+    # Authentication is configured, and the token is a file from the console's own Secret.
+    token = env.get("POSTROOM_CONSOLE_TOKEN_FILE")
+    assert token or env.get("POSTROOM_CONSOLE_TRUSTED_HEADER")
+    volumes = {v["name"]: v for v in _pod_spec(console)["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    directory = token.rpartition("/")[0]
+    assert mounts[directory]["secret"]["secretName"] == CONSOLE_SECRET
+    # Only the console pod reads the console's settings: a token file path in the shared
+    # ConfigMap would make every other process fail to start (it cannot read the file).
+    assert not [name for name in _config(objects) if name.startswith("POSTROOM_CONSOLE_")]

@@ -106,8 +106,9 @@ async def test_worker_on_an_unmigrated_database_stops_with_one_config_error(sett
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
+        # It stops at start (reading the paused consumers) or at the first message:
+        # either way one ConfigError, nothing handled, nothing dead, the message kept.
         await eventually(lambda: worker.ready or task.done(), timeout=20)
-        assert worker.ready, "the worker should consume (the broker side is fine)"
         await _put(unmigrated, Ping(n=1))
         with pytest.raises(ConfigError) as caught:
             await asyncio.wait_for(task, 20)
@@ -115,7 +116,7 @@ async def test_worker_on_an_unmigrated_database_stops_with_one_config_error(sett
         assert f"none_{names}" in str(caught.value)
         assert handled == []
         # Requeued once (the closing channel returned it), not in a loop; never dead.
-        assert worker.stats.requeued == 1
+        assert worker.stats.requeued <= 1
         assert await _depth(unmigrated, f"kinds.{names}.cfg") == 1
         assert await _depth(unmigrated, f"kinds.{names}.cfg.dead") == 0
     finally:

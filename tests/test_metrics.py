@@ -64,6 +64,7 @@ EXPECTED_FAMILIES = {
     "postroom_ready": "gauge",
     "postroom_connection_up": "gauge",
     "postroom_event_loop_lag_seconds": "gauge",
+    "postroom_consumer_paused": "gauge",
 }
 
 

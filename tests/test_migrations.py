@@ -58,6 +58,9 @@ def test_wheel_ships_the_migrations(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "postroom/migrations/env.py" in names
     assert any(n.startswith("postroom/migrations/versions/0001") for n in names)
+    # The console's assets ship inside the package: it must work air-gapped.
+    for asset in ("static/htmx.min.js", "static/console.css", "templates/base.html"):
+        assert f"postroom/console/{asset}" in names, asset
     target = tmp_path / "site"
     subprocess.run(
         [

@@ -207,7 +207,7 @@ async def test_install_is_idempotent_and_uninstall_removes_the_schema(engine, na
         tables = await connection.run_sync(
             lambda sync: sorted(inspect(sync).get_table_names(schema=name))
         )
-    assert tables == ["audit", "dead_letters", "inbox", "outbox"]
+    assert tables == ["audit", "dead_letters", "inbox", "outbox", "pauses"]
     await testing.uninstall(engine, name)
     async with engine.connect() as connection:
         schemas = await connection.run_sync(lambda sync: inspect(sync).get_schema_names())

@@ -1,6 +1,6 @@
 """The audit trail: who changed what through the ops tools, and when.
 
-Every change (replay, purge, un-purge, prune, ...) writes its audit row in the same
+Every change (replay, purge, un-purge, prune, pause, resume, ...) writes its audit row in the same
 transaction as the change it describes, so the trail is exactly as complete as the
 changes: a change without its row cannot commit, a rolled-back one leaves neither.
 
@@ -44,6 +44,10 @@ class Action(enum.StrEnum):
     """Outbox rows made due now (``target_ids``: the outbox row ids)."""
     OUTBOX_DISCARD = "outbox.discard"
     """Outbox rows deleted on purpose, never sent (``details.rows``: which events)."""
+    PAUSE = "consumers.pause"
+    """A consumer paused: no worker takes its messages (``details``: consumer, reason)."""
+    RESUME = "consumers.resume"
+    """A paused consumer resumed (``details``: consumer, the pause's reason and actor)."""
 
 
 @dataclass(frozen=True, slots=True)

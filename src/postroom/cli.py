@@ -12,6 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from postroom import cli_ops, cli_outbox
+from postroom.cli_consumers import consumers_app
 from postroom.cli_dead_letters import dead_letters_app
 from postroom.cli_monitoring import monitoring_app
 from postroom.cli_topology import topology_app
@@ -315,6 +316,43 @@ def demo(
     raise typer.Exit(shop.main(**options, json_output=json_output))
 
 
+@app.command()
+def console(
+    router: Annotated[
+        str | None,
+        typer.Option(help="Import path of a Router, to list its consumers before they ran."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind here (default: console_host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: console_port).")] = None,
+) -> None:
+    """Serve the web console: groups, dead letters, replay and purge, pauses, audit."""
+    settings = load_settings()
+    _configure_logs(settings)
+    try:
+        from postroom.console.app import serve
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("starlette", "jinja2", "uvicorn", "multipart"):
+            fail("the console needs its optional extra: pip install 'postroom[console]'")
+        raise
+    declared: list[str] = []
+    if router is not None:
+        from postroom.loader import load_router
+
+        try:
+            declared = [consumer.name for consumer in load_router(router)]
+        except PostroomError as exc:
+            fail(str(exc))
+    changes = {"console_host": host, "console_port": port}
+    settings = settings.model_copy(update={k: v for k, v in changes.items() if v is not None})
+    typer.echo(
+        f"postroom console on http://{settings.console_host}:{settings.console_port}/", err=True
+    )
+    try:
+        serve(settings, consumers=declared)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(cli_ops.outbox_app, name="outbox")
 cli_ops.outbox_app.command("list")(cli_outbox.list_rows)
@@ -323,6 +361,7 @@ cli_ops.outbox_app.command()(cli_outbox.retry)
 cli_ops.outbox_app.command()(cli_outbox.discard)
 app.add_typer(topology_app, name="topology")
 app.add_typer(monitoring_app, name="monitoring")
+app.add_typer(consumers_app, name="consumers")
 app.command()(cli_ops.prune)
 app.command()(cli_ops.audit)
 

@@ -171,6 +171,12 @@ class Metrics:
             ["component"],
             registry=r,
         )
+        self.paused = Gauge(
+            "postroom_consumer_paused",
+            "1 while the consumer is paused (`postroom consumers pause`), 0 otherwise.",
+            ["consumer"],
+            registry=r,
+        )
         self.loop_lag = Gauge(
             "postroom_event_loop_lag_seconds",
             "How late the health server's last heartbeat ran; high means a blocked loop.",
@@ -283,6 +289,10 @@ class Metrics:
         _check(component, COMPONENTS, "component")
         _check(peer, PEERS, "peer")
         self.connection_up.labels(component, peer).set(1 if up else 0)
+
+    def consumer_paused(self, consumer: str, paused: bool) -> None:
+        """Record whether *consumer* is paused, as this worker last read it."""
+        self.paused.labels(consumer).set(1 if paused else 0)
 
     def totals(self, counter: Counter, *, by: str | None = None, **match: str) -> dict[str, float]:
         """Sum *counter*'s samples whose labels equal *match*, grouped by label *by*.

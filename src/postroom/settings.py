@@ -242,6 +242,39 @@ class Settings(BaseSettings):
     dead_letter_retention_days: float = Field(
         default=30.0, gt=0, description="Days replayed or purged dead letters are kept."
     )
+    pause_poll_interval: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="Seconds between a worker's reads of the paused consumers "
+        "(`postroom consumers pause`): how soon a pause or resume takes effect.",
+    )
+    console_host: str = Field(
+        default="127.0.0.1",
+        description="Address `postroom console` binds; loopback unless an ingress or proxy "
+        "in front of it needs another.",
+    )
+    console_port: int = Field(default=8400, ge=1, le=65535, description="Port of the console.")
+    console_token: SecretStr | None = Field(
+        default=None,
+        description="Token that logs in to the console as an operator (may change things); "
+        "give it as a file (`_FILE`). Also accepted as `Authorization: Bearer`.",
+    )
+    console_read_token: SecretStr | None = Field(
+        default=None,
+        description="Token that logs in to the console read-only (sees everything, changes "
+        "nothing); give it as a file (`_FILE`).",
+    )
+    console_trusted_header: str | None = Field(
+        default=None,
+        description="Header an authenticating proxy sets to the user's name (e.g. "
+        "X-Forwarded-User); the console then trusts it. Only behind such a proxy.",
+    )
+    console_operators: str = Field(
+        default="",
+        description="With the trusted header: the users (comma-separated, `*` for all) "
+        "who may change things; the others read only.",
+    )
     crash_at: str | None = Field(
         default=None,
         description="Testing only: a fault point at which the process SIGKILLs itself.",

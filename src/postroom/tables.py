@@ -117,6 +117,15 @@ audit = Table(
     Index("uq_audit_run", "run", unique=True, postgresql_where=text("run IS NOT NULL")),
 )
 
+pauses = Table(
+    "pauses",
+    metadata,
+    Column("consumer", Text, primary_key=True),
+    Column("reason", Text, nullable=False, server_default=text("''")),
+    Column("actor", Text, nullable=False),
+    Column("paused_at", DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
 
 def schema_map(schema: str) -> dict[str | None, str] | None:
     """Return the ``schema_translate_map`` execution option for *schema*, if needed."""

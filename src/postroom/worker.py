@@ -9,6 +9,7 @@ drop and never dead-letter. On SIGTERM: stop taking messages, give in-flight han
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -21,7 +22,7 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from postroom import faults, outage, rabbit
+from postroom import faults, outage, pauses, rabbit
 from postroom.dispatch import (
     Pipeline,
     dispatch,
@@ -111,6 +112,9 @@ class Worker:
         self._subscribers: list[Subscriber] = []
         self._batches: dict[str, list[_Taken]] = {}
         self._takers: set[str] = set()
+        self._paused: set[str] = set()
+        self._running: collections.Counter[str] = collections.Counter()
+        self._by_name: dict[str, Subscriber] = {}
         self._unsettled = 0
         self._bug_streak = 0
         self._dead_bugs: dict[tuple[str, str], int] = {}
@@ -194,27 +198,17 @@ class Worker:
             dead_letter_exchange=settings.dead_letter_exchange,
             queues=[_queue_spec(c, settings.delivery_limit) for c in self._router],
         )
+        async with pipeline.sessions() as session:
+            self._paused = set(await pauses.read(session, settings.schema_name))
         watched = []
         for consumer in self._router:
-            subscriber = await Subscriber.open(
-                connection, prefetch=settings.worker_prefetch, on_close=self._channel_closed
-            )
-            self._subscribers.append(subscriber)
-            deliver = self._callback(consumer, pipeline, subscriber, dead=False)
-            tag = await subscriber.consume(consumer.name, deliver)
-            if not consumer.ordered:
-                # An ordered (single-active-consumer) queue is never cancelled: a cancel
-                # hands it to the next consumer while our unacked messages are still out,
-                # and those would then overtake them. Closing the channel returns them
-                # first (see _requeue).
-                self._queues.append((subscriber, tag))
-            deliver = self._callback(consumer, pipeline, subscriber, dead=True)
-            tag = await subscriber.consume(f"{consumer.name}.dead", deliver)
-            self._queues.append((subscriber, tag))
+            if consumer.name not in self._paused:
+                await self._subscribe(consumer, pipeline)
             watched += [consumer.name, f"{consumer.name}.dead"]
         self._consuming = True
         self._set_connected(outage.BROKER, True)
         log.info("worker.consuming", consumers=[c.name for c in self._router])
+        follow = asyncio.ensure_future(self._follow_pauses(pipeline))
         waiters: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(halt.wait()),
             asyncio.ensure_future(self._broken.wait()),
@@ -222,15 +216,88 @@ class Worker:
         if burst:
             waiters.append(asyncio.ensure_future(self._until_idle(connection, watched, halt)))
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*waiters, follow], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for waiter in waiters:
+            for waiter in [*waiters, follow]:
                 waiter.cancel()
+            await asyncio.wait([follow])
+        if not follow.cancelled() and follow.exception() is not None:
+            raise follow.exception()  # type: ignore[misc]
         if halt.is_set():
             return
         raise self._broken_by or outage.Unreachable(
             outage.BROKER, self._urls[outage.BROKER], ConnectionError("a channel closed")
         )
+
+    async def _subscribe(self, consumer: Consumer[Any], pipeline: Pipeline) -> None:
+        """Open *consumer*'s channel and consume its queue and its broker dead-letter queue."""
+        name = consumer.name
+
+        def closed(reason: BaseException | None) -> None:
+            # Only the live channel of a running consumer closing is an outage; one a
+            # pause closed (maybe finishing late, after a resume opened the next) is not.
+            if self._by_name.get(name) is subscriber:
+                self._channel_closed(reason)
+
+        subscriber = await Subscriber.open(
+            self._connection, prefetch=self._settings.worker_prefetch, on_close=closed
+        )
+        self._subscribers.append(subscriber)
+        self._by_name[name] = subscriber
+        deliver = self._callback(consumer, pipeline, subscriber, dead=False)
+        tag = await subscriber.consume(name, deliver)
+        if not consumer.ordered:
+            # An ordered (single-active-consumer) queue is never cancelled: a cancel
+            # hands it to the next consumer while our unacked messages are still out,
+            # and those would then overtake them. Closing the channel returns them
+            # first (see _requeue).
+            self._queues.append((subscriber, tag))
+        deliver = self._callback(consumer, pipeline, subscriber, dead=True)
+        tag = await subscriber.consume(f"{name}.dead", deliver)
+        self._queues.append((subscriber, tag))
+
+    async def _follow_pauses(self, pipeline: Pipeline) -> None:
+        """Every ``pause_poll_interval``: stop the consumers paused, restart those resumed.
+
+        Pausing lets that consumer's running handlers finish (up to ``shutdown_timeout``),
+        then closes its channel: the broker takes its unacked messages back, in order.
+        """
+        interval = self._settings.pause_poll_interval
+        while True:
+            for consumer in self._router:
+                self._metrics.consumer_paused(consumer.name, consumer.name in self._paused)
+            await asyncio.sleep(interval)
+            async with pipeline.sessions() as session:
+                wanted = set(await pauses.read(session, self._settings.schema_name))
+            for consumer in self._router:
+                if consumer.name in wanted and consumer.name not in self._paused:
+                    await self._pause(consumer.name)
+                elif consumer.name not in wanted and consumer.name in self._paused:
+                    self._paused.discard(consumer.name)
+                    await self._subscribe(consumer, pipeline)
+                    log.info("consumer.resumed", consumer=consumer.name)
+
+    def _held(self, consumer: Consumer[Any], incoming: _Taken) -> bool:
+        """Say whether *incoming* must not start: its consumer is paused, or its channel
+        was closed by a pause (the broker has it back; an outage is handled elsewhere)."""
+        stale = incoming.subscriber is not self._by_name.get(consumer.name)
+        closing = self._broken.is_set() or self._stopping  # then _requeue decides
+        return consumer.name in self._paused or (stale and not closing)
+
+    async def _pause(self, name: str) -> None:
+        self._paused.add(name)  # from now on no handler of *name* starts
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.shutdown_timeout
+        while self._running[name] and loop.time() < deadline:  # noqa: ASYNC110 (a counter)
+            await asyncio.sleep(0.02)
+        subscriber = self._by_name.pop(name, None)
+        if subscriber is not None:
+            self._queues = [(s, t) for s, t in self._queues if s is not subscriber]
+            self._subscribers = [s for s in self._subscribers if s is not subscriber]
+            with contextlib.suppress(Exception):  # send its last acks, return the rest
+                await asyncio.wait_for(subscriber.close(), timeout=5)
+        self._batches.pop(name, None)
+        log.warning("consumer.paused", consumer=name, left_running=self._running[name])
 
     async def _until_idle(self, connection: Any, queues: list[str], halt: asyncio.Event) -> None:
         """Set *halt* once every queue is empty and no delivery is unsettled, twice in a row."""
@@ -317,12 +384,17 @@ class Worker:
         pipeline: Pipeline,
     ) -> None:
         """Dispatch one batch (the caller holds a handler slot); ack after the commit."""
+        if self._held(consumer, batch[0]):
+            for incoming in batch:  # left unacked: closing the paused channel returns them
+                await self._requeue(incoming, consumer, "not started: consumer paused")
+            return
         if self._stopping or self._broken.is_set():
             for incoming in batch:
                 await self._requeue(incoming, consumer, "not started: stopping or reconnecting")
             return
         started = time.perf_counter()
         inflight = self._metrics.inflight(consumer.name)
+        self._running[consumer.name] += 1
         try:
             with inflight:
                 results = await dispatch_batch([m.delivery for m in batch], consumer, pipeline)
@@ -334,6 +406,8 @@ class Worker:
             # Its own task: a bug's backoff must not hold the handler slot we are in.
             self._spawn(self._failed(exc, consumer, batch))
             return
+        finally:
+            self._running[consumer.name] -= 1
         faults.crash_point(pipeline.crash_at, faults.WORKER_AFTER_COMMIT)
         self._bug_streak = 0
         seconds = (time.perf_counter() - started) / len(batch)
@@ -366,6 +440,9 @@ class Worker:
         dead: bool,
     ) -> None:
         async with self._semaphore:
+            if self._held(consumer, incoming):  # left unacked: the paused channel returns it
+                await self._requeue(incoming, consumer, "not started: consumer paused")
+                return
             if self._stopping or self._broken.is_set():
                 await self._requeue(
                     incoming, consumer, "not started: worker stopping or reconnecting"
@@ -374,6 +451,7 @@ class Worker:
             delivery = incoming.delivery
             started = time.perf_counter()
             inflight = self._metrics.inflight(consumer.name)
+            self._running[consumer.name] += 1
             try:
                 with inflight:
                     if dead:
@@ -387,6 +465,8 @@ class Worker:
                 failed: Exception | None = exc
             else:
                 failed = None
+            finally:
+                self._running[consumer.name] -= 1
         if failed is not None:  # outside the slot: a bug's backoff must not hold it
             await self._failed(failed, consumer, [incoming], dead=dead)
             return
@@ -530,6 +610,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(subscriber.cancel(tag), timeout=2)
         self._queues.clear()
+        self._by_name.clear()
         if self._inflight:
             deadline = self._settings.shutdown_timeout if stopping else 2.0
             log.info("worker.draining", inflight=len(self._inflight), deadline_seconds=deadline)
