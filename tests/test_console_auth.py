@@ -50,7 +50,7 @@ def _changes(settings: Settings) -> list[str]:
         path = getattr(route, "path", "")
         if "POST" in methods and path != "/login":
             if "{action:str}" in path:
-                paths += [path.replace("{action:str}", a) for a in ("replay", "purge")]
+                paths += [path.replace("{action:str}", a) for a in ("replay", "purge", "unpurge")]
             else:
                 paths.append(path)
     return paths
@@ -72,7 +72,7 @@ async def test_tokens_roles_and_csrf_guard_every_change(settings: Settings, sess
     schema = settings.schema_name
     letter = await seed(sessions, schema)
     changes = _changes(settings)
-    assert {"/logout", "/replay/confirm", "/purge/confirm", "/consumers/pause"} <= set(changes)
+    assert {"/logout", "/replay/confirm", "/purge/confirm", "/unpurge/confirm"} <= set(changes)
     async with served_console(settings) as base:
         # No token: the pages send people to the login form, scripts get 401.
         anonymous = await http(base + "/")

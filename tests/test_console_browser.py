@@ -116,8 +116,8 @@ async def test_on_call_trial_in_the_browser(books: Settings, sessions, tmp_path:
             )
             slices = await page.locator("#slices tbody tr").all_inner_texts()
             assert [" ".join(s.split()) for s in slices] == [
-                f"{APPLY} TimeoutError 6",
-                f"{NOTIFY} (any) 0",
+                f"{APPLY} TimeoutError would replay 6",
+                f"{NOTIFY} (any) none selected 0",
             ]
             await shot(page, tmp_path, "replay-preview")
             nothing = await rows(
@@ -181,6 +181,21 @@ async def test_on_call_trial_in_the_browser(books: Settings, sessions, tmp_path:
             )
             assert purged.status == "purged"
 
+            # Un-purge it: the purged list, its preview, the confirmation.
+            await page.goto(f"{base}/letters?consumer={NOTIFY}&status=purged")
+            await page.click("#unpurge-these")
+            await expect(page.locator("#summary")).to_contain_text(
+                "1 dead letter would be restored"
+            )
+            await page.click("#confirm")
+            await expect(page.locator("#audit tbody tr").first).to_contain_text(
+                "dead_letters.unpurge"
+            )
+            [restored] = await rows(
+                sessions, f'SELECT status FROM "{schema}".dead_letters WHERE id = :i', i=rejected
+            )
+            assert restored.status == "dead"
+
             # Pause a consumer, with a reason; the audit and the table say who and why.
             await page.click("nav >> text=Consumers")
             row = page.locator(f"#consumers tr[data-consumer='{NOTIFY}']")
@@ -197,7 +212,12 @@ async def test_on_call_trial_in_the_browser(books: Settings, sessions, tmp_path:
             await expect(page.locator("h1")).to_have_text("Audit trail")
             await expect(page.locator("#audit tbody tr")).to_have_count(3)
             actions = await page.locator("#audit tbody tr td:nth-child(4)").all_inner_texts()
-            assert actions == ["consumers.pause", "dead_letters.purge", "dead_letters.replay"]
+            assert actions == [
+                "consumers.pause",
+                "dead_letters.unpurge",
+                "dead_letters.purge",
+                "dead_letters.replay",
+            ]
             await shot(page, tmp_path, "audit")
         finally:
             await browser.close()

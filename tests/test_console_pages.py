@@ -52,8 +52,14 @@ async def test_pages_show_what_the_cli_shows(settings: Settings, sessions) -> No
         assert f'name="ids" value="{first}"' in one.body
         by_type = await http(base + "/purge/preview?error_type=TimeoutError", headers=AS_OPERATOR)
         assert "<strong>2</strong> dead letters would be purged" in by_type.body
-        assert f'<td>{APPLY}</td><td>TimeoutError</td><td class="num">2</td>' in by_type.body
-        assert f'<td>{NOTIFY}</td><td>(any)</td><td class="num">0</td>' in by_type.body
+        assert (
+            f'<td>{APPLY}</td><td>TimeoutError</td><td>would purge</td><td class="num">2</td>'
+            in by_type.body
+        )
+        assert (
+            f'<td>{NOTIFY}</td><td>(any)</td><td>none selected</td><td class="num">0</td>'
+            in by_type.body
+        )
         unfiltered = await http(base + "/replay/preview", headers=AS_OPERATOR)
         assert unfiltered.status == 400 and "say which dead letters" in unfiltered.body
         everything = await http(base + "/replay/preview?all=1", headers=AS_OPERATOR)

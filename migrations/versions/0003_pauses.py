@@ -1,7 +1,7 @@
 """Paused consumers: one row per consumer that every worker must stop taking messages for.
 
 Revision ID: 0003_pauses
-Revises: 0001
+Revises: 0002_ops
 Create Date: 2026-12-01
 """
 

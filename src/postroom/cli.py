@@ -320,7 +320,8 @@ def demo(
 def console(
     router: Annotated[
         str | None,
-        typer.Option(help="Import path of a Router, to list its consumers before they ran."),
+        typer.Option(help="Import path of the Router: its consumers are listed (before they "
+        "ran) and their redaction applies."),
     ] = None,
     host: Annotated[str | None, typer.Option(help="Bind here (default: console_host).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: console_port).")] = None,
@@ -334,12 +335,12 @@ def console(
         if exc.name and exc.name.split(".")[0] in ("starlette", "jinja2", "uvicorn", "multipart"):
             fail("the console needs its optional extra: pip install 'postroom[console]'")
         raise
-    declared: list[str] = []
+    loaded = None
     if router is not None:
         from postroom.loader import load_router
 
         try:
-            declared = [consumer.name for consumer in load_router(router)]
+            loaded = load_router(router)
         except PostroomError as exc:
             fail(str(exc))
     changes = {"console_host": host, "console_port": port}
@@ -348,7 +349,7 @@ def console(
         f"postroom console on http://{settings.console_host}:{settings.console_port}/", err=True
     )
     try:
-        serve(settings, consumers=declared)
+        serve(settings, router=loaded)
     except ConfigError as exc:
         fail(str(exc))
 

@@ -1,17 +1,17 @@
-"""The console's changes: log in and out, replay and purge (preview, then confirm), pause, resume.
+"""The console's changes: log in and out; replay, purge, un-purge (preview, confirm); pauses.
 
 Every change is a POST that passes :meth:`Gate.check_change` first (an operator, with the
-session's CSRF token). A replay or purge is two steps: the preview is the real function's
-dry run (:func:`postroom.resolve.replay` / :func:`~postroom.resolve.purge` with
-``dry_run=True``), broken down by consumer and error type; the confirmation acts on
-exactly the dead letters the preview listed (their ids), never on what a filter matches
-by then, so a dead letter that arrived in between is not swept along unseen.
+session's CSRF token). A replay, purge or un-purge is two steps: the preview is the real
+function's dry run (:func:`postroom.replay.replay`, :func:`postroom.purge.purge`,
+:func:`postroom.purge.unpurge` with ``dry_run=True``) and its breakdown by consumer and
+error type; the confirmation acts on exactly the dead letters the preview listed (their
+ids), never on what a filter matches by then, so a dead letter that arrived in between is
+not swept along unseen. The confirmation is the run's confirmation (``confirm=True``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from starlette.datastructures import FormData
@@ -19,25 +19,21 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from postroom import pauses, resolve, triage
+from postroom import lookup, pauses, purge, replay
 from postroom.console.auth import COOKIE, Identity, Refused, set_session
 from postroom.console.state import console_of, identity_of
 from postroom.console.views import filters_of, query_of
 from postroom.deadletters import DeadStatus
 from postroom.errors import InvalidFilterError, UnknownDeadLetterError
+from postroom.filters import Filters
 from postroom.outbox import Outbox
+from postroom.runs import DONE, Report
 
 MAX_SELECTION = 5000
-"""Dead letters one console replay or purge may act on; the CLI takes more, in batches."""
+"""Dead letters one console run may act on; the CLI takes more, in batches."""
 
-
-@dataclass(frozen=True, slots=True)
-class Slice:
-    """How many of the selected dead letters belong to one consumer and error type."""
-
-    consumer: str
-    error_type: str
-    count: int
+ACTS_ON = {"replay": DeadStatus.DEAD, "purge": DeadStatus.DEAD, "unpurge": DeadStatus.PURGED}
+"""Each action, and the status of the dead letters it acts on."""
 
 
 async def login_form(request: Request) -> Response:
@@ -68,35 +64,40 @@ async def logout(request: Request) -> Response:
 
 
 async def preview(request: Request) -> Response:
-    """Show exactly what a replay or purge of the filtered dead letters would do."""
+    """Show exactly what a replay, purge or un-purge of the filtered dead letters would do."""
     console = console_of(request)
     action = _action(request)
     params = request.query_params
+    acts_on = ACTS_ON[action]
     try:
-        filters = filters_of(params)
+        filters = filters_of(params, status=acts_on.value)
     except InvalidFilterError as exc:
         return console.render(request, "refused.html", status=400, why=str(exc))
-    if filters.status is not DeadStatus.DEAD:
-        why = "only dead letters (status dead) can be replayed or purged"
+    if filters.status is not acts_on:
+        why = f"{action} acts on {acts_on.value} dead letters only"
         return console.render(request, "refused.html", status=400, why=why)
     if not filters.narrows and params.get("all") != "1":
         why = "say which dead letters: a filter, or all of them (all=1)"
         return console.render(request, "refused.html", status=400, why=why)
-    report = await _run(request, action, filters, identity_of(request), dry_run=True)
-    chosen = report.ids(resolve.Verdict.REPLAYED if action == "replay" else resolve.Verdict.PURGED)
-    slices = await _slices(request, chosen)
-    everyone = await triage.group_letters(
-        console.db, console.schema, triage.Filters(status=DeadStatus.DEAD), limit=10_000
+    try:
+        report = await _run(request, action, filters, identity_of(request), dry_run=True)
+    except (InvalidFilterError, UnknownDeadLetterError) as exc:
+        return console.render(request, "refused.html", status=400, why=str(exc))
+    chosen = [item.id for item in report.items if item.verdict in DONE]
+    breakdown = report.breakdown()
+    everyone = await lookup.group_letters(
+        console.db, console.schema, Filters(status=acts_on), limit=10_000
     )
-    untouched = sorted({g.consumer for g in everyone} - {s.consumer for s in slices})
-    held = [item for item in report.items if item.id not in set(chosen)]
+    untouched = sorted({g.consumer for g in everyone} - {row[0] for row in breakdown})
+    held = [item for item in report.items if item.verdict not in DONE]
     return console.render(
         request,
         "preview.html",
         action=action,
+        verb={"replay": "replayed", "purge": "purged", "unpurge": "restored"}[action],
         report=report,
         chosen=chosen,
-        slices=slices,
+        breakdown=breakdown,
         untouched=untouched,
         held=held[:50],
         held_count=len(held),
@@ -108,7 +109,7 @@ async def preview(request: Request) -> Response:
 
 
 async def confirm(request: Request) -> Response:
-    """Replay or purge exactly the dead letters the preview listed."""
+    """Replay, purge or un-purge exactly the dead letters the preview listed."""
     console = console_of(request)
     identity, form = await _change(request)
     action = _action(request)
@@ -120,15 +121,12 @@ async def confirm(request: Request) -> Response:
         raise Refused(400, "nothing to act on: the preview selected no dead letter")
     if len(ids) > MAX_SELECTION:
         raise Refused(400, f"at most {MAX_SELECTION} dead letters at once from the console")
+    selection = Filters(ids=ids, status=ACTS_ON[action])
     try:
-        report = await _run(request, action, triage.Filters(ids=ids), identity, dry_run=False)
-    except UnknownDeadLetterError as exc:
+        report = await _run(request, action, selection, identity, dry_run=False)
+    except (InvalidFilterError, UnknownDeadLetterError) as exc:
         raise Refused(400, str(exc)) from None
-    if (
-        not report.complete
-        and not report.ids(resolve.Verdict.REPLAYED)
-        and not report.ids(resolve.Verdict.PURGED)
-    ):
+    if not any(item.verdict in DONE for item in report.items):
         return console.render(request, "done.html", status=409, report=report, action=action)
     return RedirectResponse(f"/audit?run={report.run}", status_code=303)
 
@@ -169,54 +167,37 @@ async def _change(request: Request, *, operator: bool = True) -> tuple[Identity,
 async def _run(
     request: Request,
     action: str,
-    filters: triage.Filters,
+    filters: Filters,
     identity: Identity,
     *,
     dry_run: bool,
-) -> resolve.Report:
+) -> Report:
+    """Call the ops library's run for *action*; a real run is confirmed (by the preview)."""
     console = console_of(request)
+    common: dict[str, Any] = {
+        "actor": identity.actor,
+        "dry_run": dry_run,
+        "limit": MAX_SELECTION,
+        "router": console.router,
+    }
     if action == "replay":
-        return await resolve.replay(
+        return await replay.replay(
             console.db,
             console.schema,
             filters,
             outbox=Outbox.from_settings(console.settings),
-            actor=identity.actor,
-            dry_run=dry_run,
-            limit=MAX_SELECTION,
+            confirm=not dry_run,
+            **common,
         )
-    return await resolve.purge(
-        console.db,
-        console.schema,
-        filters,
-        actor=identity.actor,
-        confirm=not dry_run,
-        dry_run=dry_run,
-        limit=MAX_SELECTION,
-    )
-
-
-async def _slices(request: Request, ids: Sequence[int]) -> list[Slice]:
-    """Count the dead letters *ids* by consumer and error type, largest first."""
-    if not ids:
-        return []
-    console = console_of(request)
-    found = await triage.group_letters(
-        console.db, console.schema, triage.Filters(ids=tuple(ids)), limit=10_000
-    )
-    counts: dict[tuple[str, str], int] = {}
-    for group in found:
-        key = (group.consumer, group.error_type)
-        counts[key] = counts.get(key, 0) + group.count
-    return [
-        Slice(consumer, error_type, count)
-        for (consumer, error_type), count in sorted(counts.items(), key=lambda kv: -kv[1])
-    ]
+    if action == "purge":
+        return await purge.purge(console.db, console.schema, filters, confirm=not dry_run, **common)
+    retention = timedelta(days=console.settings.dead_letter_retention_days)
+    return await purge.unpurge(console.db, console.schema, filters, retention=retention, **common)
 
 
 def _action(request: Request) -> str:
     action = str(request.path_params["action"])
-    if action not in ("replay", "purge"):
+    if action not in ACTS_ON:
         raise Refused(404, f"no such page: /{action}")
     return action
 

@@ -8,7 +8,7 @@ disposed with the application.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 from postroom.console import actions, views
 from postroom.console.auth import Gate, Refused, set_session
 from postroom.console.state import Console, console_of
+from postroom.router import Router
 from postroom.settings import Settings
 
 OPEN_PATHS = ("/login", "/static/", "/livez")
@@ -39,7 +40,7 @@ SECURITY_HEADERS = {
 
 
 def build(
-    settings: Settings, *, consumers: Collection[str] = (), gate: Gate | None = None
+    settings: Settings, *, router: Router | None = None, gate: Gate | None = None
 ) -> Starlette:
     """Return the console application; raise ConfigError when no authentication is set."""
     console = Console(
@@ -51,7 +52,7 @@ def build(
             trim_blocks=True,
             lstrip_blocks=True,
         ),
-        consumers=frozenset(consumers),
+        router=router,
     )
 
     @contextlib.asynccontextmanager
@@ -121,11 +122,11 @@ async def _refused(request: Request, exc: Exception) -> Response:
     return console_of(request).render(request, "refused.html", status=exc.status, why=exc.why)
 
 
-def serve(settings: Settings, *, consumers: Collection[str] = ()) -> None:
+def serve(settings: Settings, *, router: Router | None = None) -> None:
     """Serve the console on ``console_host:console_port`` until interrupted."""
     import uvicorn
 
-    app = build(settings, consumers=consumers)
+    app = build(settings, router=router)
     uvicorn.run(
         app,
         host=settings.console_host,

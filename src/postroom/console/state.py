@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from postroom.console.auth import Gate, Identity
+from postroom.router import Router
 from postroom.settings import Settings
 
 
@@ -21,9 +22,14 @@ class Console:
     settings: Settings
     gate: Gate
     templates: Environment
-    consumers: frozenset[str] = frozenset()
-    """Consumer names declared by the router given to ``postroom console --router``."""
+    router: Router | None = None
+    """The router given to ``postroom console --router``: its consumers' names and redaction."""
     engine: AsyncEngine | None = field(default=None)
+
+    @property
+    def consumers(self) -> frozenset[str]:
+        """The names the router declares (none without a router)."""
+        return frozenset(consumer.name for consumer in self.router or ())
 
     @property
     def schema(self) -> str:

@@ -1,8 +1,10 @@
 """The console's read-only pages: groups, dead letters, one dead letter, consumers, outbox, audit.
 
-Each page calls the function the matching CLI command calls (:mod:`postroom.triage`,
-:mod:`postroom.upkeep`, :mod:`postroom.audit`, :mod:`postroom.pauses`) and renders what it
-returns; a bad filter is shown on the page (status 400), as the CLI prints it.
+Each page calls the function the matching CLI command calls (:mod:`postroom.lookup`,
+:mod:`postroom.fates`, :mod:`postroom.lag`, :mod:`postroom.audit`, :mod:`postroom.pauses`)
+and renders what it returns; a bad filter or an unknown name is shown on the page (status
+400) in the CLI's words. Bodies and headers are shown redacted as the router's consumers
+declare (``postroom console --router``).
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from postroom import audit, pauses, triage, upkeep
-from postroom.console import fates
+from postroom import audit, fates, lag, lookup, pauses
 from postroom.console.state import console_of
 from postroom.deadletters import DeadReason, DeadStatus
 from postroom.errors import InvalidFilterError, UnknownDeadLetterError
+from postroom.filters import Filters
 
 FILTERS = ("consumer", "topic", "error_type", "text", "reason", "since", "until")
 PAGE = 50
 
 
-def filters_of(params: Mapping[str, str], *, status: str | None = "dead") -> triage.Filters:
+def filters_of(params: Mapping[str, str], *, status: str | None = "dead") -> Filters:
     """Parse the filter fields of a query or form, as the CLI's options are parsed."""
 
     def given(name: str) -> str | None:
@@ -37,7 +39,7 @@ def filters_of(params: Mapping[str, str], *, status: str | None = "dead") -> tri
     except ValueError:
         raise InvalidFilterError("ids are dead-letter ids: numbers, separated by spaces") from None
 
-    return triage.Filters.parse(
+    return Filters.parse(
         consumer=given("consumer"),
         topic=given("topic"),
         error_type=given("error_type"),
@@ -81,9 +83,14 @@ async def groups(request: Request) -> Response:
         filters = filters_of(request.query_params)
     except InvalidFilterError as exc:
         return console.render(request, "groups.html", status=400, error=str(exc), **choices)
-    found = await triage.group_letters(console.db, console.schema, filters)
+    try:
+        found = await lookup.group_letters(
+            console.db, console.schema, filters, router=console.router
+        )
+    except (InvalidFilterError, UnknownDeadLetterError) as exc:
+        return console.render(request, "groups.html", status=400, error=str(exc), **choices)
     paused = await pauses.paused(console.db, console.schema)
-    outbox = await upkeep.outbox_status(console.db, console.schema, failures=0)
+    outbox = await lag.outbox_status(console.db, console.schema, failures=0)
     return console.render(
         request, "groups.html", groups=found, paused=paused, outbox=outbox, **choices
     )
@@ -98,7 +105,12 @@ async def letters(request: Request) -> Response:
         before = int(request.query_params["before"]) if "before" in request.query_params else None
     except (InvalidFilterError, ValueError) as exc:
         return console.render(request, "letters.html", status=400, error=str(exc), **choices)
-    page = await triage.list_letters(console.db, console.schema, filters, limit=PAGE, before=before)
+    try:
+        page = await lookup.list_letters(
+            console.db, console.schema, filters, limit=PAGE, before=before, router=console.router
+        )
+    except (InvalidFilterError, UnknownDeadLetterError) as exc:
+        return console.render(request, "letters.html", status=400, error=str(exc), **choices)
     return console.render(request, "letters.html", page=page, narrowed=filters.narrows, **choices)
 
 
@@ -107,24 +119,26 @@ async def letter(request: Request) -> Response:
     console = console_of(request)
     letter_id = int(request.path_params["id"])
     try:
-        detail = await triage.get_letter(console.db, console.schema, letter_id)
+        detail = await lookup.get_letter(
+            console.db, console.schema, letter_id, router=console.router
+        )
     except UnknownDeadLetterError as exc:
         return console.render(request, "refused.html", status=404, why=str(exc))
-    shown = detail.letter
-    chain = await fates.chain(console.db, console.schema, shown.consumer, shown.message_id)
-    fate = next(iter(await fates.fates(console.db, console.schema, [letter_id])), None)
-    history = []
-    for link in chain:
-        history.extend(await audit.entries(console.db, console.schema, target=link.id, limit=20))
-    history.sort(key=lambda entry: entry.id)
+    history = await audit.entries(console.db, console.schema, target=letter_id, limit=100)
+    history.reverse()  # oldest first, as the chain
+    fate = None
+    replays = [e for e in history if e.action == audit.Action.REPLAY and letter_id in e.target_ids]
+    if replays and replays[-1].run:
+        run = await fates.fates(console.db, console.schema, replays[-1].run)
+        fate = next((f for f in run.fates if f.id == letter_id), None)
     return console.render(
         request,
         "letter.html",
-        letter=shown,
+        letter=detail.letter,
         detail=detail,
         body=_body(detail.body),
         headers=json.dumps(dict(detail.headers), indent=2, default=str, sort_keys=True),
-        chain=chain,
+        chain=detail.chain,
         fate=fate,
         history=history,
     )
@@ -153,7 +167,7 @@ async def consumers(request: Request) -> Response:
 async def outbox(request: Request) -> Response:
     """The outbox now: due, scheduled and errored rows per topic, and the oldest one's wait."""
     console = console_of(request)
-    state = await upkeep.outbox_status(console.db, console.schema)
+    state = await lag.outbox_status(console.db, console.schema)
     return console.render(request, "outbox.html", state=state)
 
 
@@ -161,38 +175,30 @@ async def audit_trail(request: Request) -> Response:
     """The audit trail, newest first; ``run`` shows one command run and its messages' fates."""
     console = console_of(request)
     params = request.query_params
-    action = params.get("action") or None
-    actor = params.get("actor") or None
     run = params.get("run") or None
-    target = params.get("id") or None
-    if action is not None and action not in {a.value for a in audit.Action}:
-        return console.render(request, "refused.html", status=400, why=f"unknown action {action!r}")
     try:
-        target_id = int(target) if target else None
-    except ValueError:
-        return console.render(request, "refused.html", status=400, why="id is a number")
-    entries = await audit.entries(
-        console.db,
-        console.schema,
-        action=action,
-        actor=actor,
-        target=target_id,
-        limit=500 if run else 100,
-    )
-    if run:
-        entries = [entry for entry in entries if entry.details.get("run") == run]
-    ran = sorted({i for entry in entries for i in entry.target_ids}) if run else []
-    outcome = await fates.fates(console.db, console.schema, ran)
-    counts: dict[str, int] = {}
-    for fate in outcome:
-        counts[fate.kind.value] = counts.get(fate.kind.value, 0) + 1
+        target = int(params["id"]) if params.get("id") else None
+        entries = await audit.entries(
+            console.db,
+            console.schema,
+            action=params.get("action") or None,
+            actor=params.get("actor") or None,
+            target=target,
+            run=run,
+            limit=100,
+        )
+    except (InvalidFilterError, UnknownDeadLetterError, ValueError) as exc:
+        why = "id is a dead-letter id: a number" if isinstance(exc, ValueError) else str(exc)
+        return console.render(request, "refused.html", status=400, why=why)
+    outcome = None
+    if run and any(e.action in (audit.Action.REPLAY, audit.Action.EDIT_REPLAY) for e in entries):
+        outcome = await fates.fates(console.db, console.schema, run)
     return console.render(
         request,
         "audit.html",
         entries=entries,
         run=run,
-        fates=outcome,
-        counts=counts,
+        outcome=outcome,
         actions=[a.value for a in audit.Action],
         params=dict(params),
     )
