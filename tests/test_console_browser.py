@@ -210,7 +210,7 @@ async def test_on_call_trial_in_the_browser(books: Settings, sessions, tmp_path:
 
             await page.click("nav >> text=Audit")
             await expect(page.locator("h1")).to_have_text("Audit trail")
-            await expect(page.locator("#audit tbody tr")).to_have_count(3)
+            await expect(page.locator("#audit tbody tr")).to_have_count(4)
             actions = await page.locator("#audit tbody tr td:nth-child(4)").all_inner_texts()
             assert actions == [
                 "consumers.pause",
