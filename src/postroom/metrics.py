@@ -45,7 +45,6 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._handled: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         r = self.registry
         self.outbox_pending = Gauge(
             "postroom_outbox_pending_messages",
@@ -245,17 +244,8 @@ class Metrics:
 
     def handled(self, *, consumer: str, topic: str, outcome: str, seconds: float) -> None:
         """Record one finished delivery of *consumer*; *outcome* is one of :data:`OUTCOMES`."""
-        # Per message: one dict lookup, not two label resolutions (each takes a lock).
-        children = self._handled.get((consumer, topic, outcome))
-        if children is None:
-            _check(outcome, OUTCOMES, "outcome")
-            children = (
-                self.consumer_messages.labels(consumer, topic, outcome),
-                self.handler_seconds.labels(consumer),
-            )
-            self._handled[consumer, topic, outcome] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        # One path: the worker keeps the recorder per label set (no lookup per message).
+        self.handled_recorder(consumer=consumer, topic=topic, outcome=outcome)(seconds)
 
     def handled_recorder(
         self, *, consumer: str, topic: str, outcome: str
