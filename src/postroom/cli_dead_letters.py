@@ -14,21 +14,9 @@ from typing import Annotated
 import typer
 
 from postroom import cli_purge, cli_replay
-from postroom.cli_filters import (
-    Consumer,
-    ErrorType,
-    MessageId,
-    Reason,
-    RouterSpec,
-    Since,
-    Status,
-    Text,
-    Topic,
-    Until,
-    parse,
-    router_of,
-)
+from postroom.cli_filters import RouterSpec, filtered, router_of
 from postroom.cli_ops import Json, print_json, print_table, run, when
+from postroom.filters import Filters
 
 dead_letters_app = typer.Typer(
     no_args_is_help=True,
@@ -38,16 +26,9 @@ dead_letters_app = typer.Typer(
 
 
 @dead_letters_app.command("list")
+@filtered(status="dead")
 def list_(
-    consumer: Consumer = None,
-    topic: Topic = None,
-    error_type: ErrorType = None,
-    text: Text = None,
-    reason: Reason = None,
-    since: Since = None,
-    until: Until = None,
-    message_id: MessageId = None,
-    status: Status = "dead",
+    filters: Filters,
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="Rows per page.")] = 50,
     before: Annotated[int | None, typer.Option(help="Only ids below this (next page).")] = None,
     router: RouterSpec = None,
@@ -56,17 +37,6 @@ def list_(
     """List dead letters, newest first."""
     from postroom.lookup import list_letters
 
-    filters = parse(
-        consumer=consumer,
-        topic=topic,
-        error_type=error_type,
-        text=text,
-        reason=reason,
-        since=since,
-        until=until,
-        message_id=message_id,
-        status=status,
-    )
     loaded = router_of(router)
     page = run(
         lambda s, e: list_letters(
@@ -101,33 +71,15 @@ def list_(
 
 
 @dead_letters_app.command()
+@filtered(status="dead")
 def groups(
-    consumer: Consumer = None,
-    topic: Topic = None,
-    error_type: ErrorType = None,
-    text: Text = None,
-    reason: Reason = None,
-    since: Since = None,
-    until: Until = None,
-    message_id: MessageId = None,
-    status: Status = "dead",
+    filters: Filters,
     router: RouterSpec = None,
     as_json: Json = False,
 ) -> None:
     """Count dead letters by status, consumer, error type and error shape (numbers elided)."""
     from postroom.lookup import group_letters
 
-    filters = parse(
-        consumer=consumer,
-        topic=topic,
-        error_type=error_type,
-        text=text,
-        reason=reason,
-        since=since,
-        until=until,
-        message_id=message_id,
-        status=status,
-    )
     loaded = router_of(router)
     found = run(lambda s, e: group_letters(e, s.schema_name, filters, router=loaded))
     if as_json:

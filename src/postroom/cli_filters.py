@@ -6,17 +6,20 @@ shows is what ``replay`` with the same options acts on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from postroom.cli_ops import fail
+from postroom.cli_ops import fail, options
 from postroom.errors import PostroomError
 
 if TYPE_CHECKING:
     from postroom.filters import Filters
     from postroom.router import Router
+
+T = TypeVar("T")
 
 Consumer = Annotated[str | None, typer.Option("--consumer", "-c", help="Only this consumer's.")]
 Topic = Annotated[str | None, typer.Option(help="Only this topic.")]
@@ -60,6 +63,43 @@ RouterSpec = Annotated[
         "names too; its redaction applies when showing.",
     ),
 ]
+
+
+FILTER_OPTIONS: dict[str, tuple[object, object]] = {
+    "consumer": (Consumer, None),
+    "topic": (Topic, None),
+    "error_type": (ErrorType, None),
+    "text": (Text, None),
+    "reason": (Reason, None),
+    "since": (Since, None),
+    "until": (Until, None),
+    "message_id": (MessageId, None),
+}
+
+
+def filtered(*, status: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Give a reading command the filter options, parsed into its ``filters`` parameter.
+
+    *status*: the command also takes ``--status``, with this default.
+    """
+    declared = dict(FILTER_OPTIONS)
+    if status is not None:
+        declared["status"] = (Status, status)
+    return options("filters", declared, parse)
+
+
+def selecting() -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Give a changing command ids, the filter options and ``--all``, as ``filters``.
+
+    What it gets is :func:`selection` of them: the same options select what ``list``
+    shows, and an empty selection is refused before anything runs.
+    """
+    declared = {"ids": (Ids, None), **FILTER_OPTIONS, "every": (All, False)}
+
+    def build(ids: list[int] | None, every: bool, **given: str | None) -> Filters:
+        return selection(ids, every, parse(**given))
+
+    return options("filters", declared, build)
 
 
 def parse(

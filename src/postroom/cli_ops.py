@@ -13,7 +13,9 @@ print tables for people, JSON for scripts (``--json``), progress bars on stderr.
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
+import inspect
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
@@ -44,6 +46,49 @@ Actor = Annotated[
     str | None, typer.Option(help="Who acts, for the audit trail (default: the OS user).")
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def options(
+    name: str, declared: Mapping[str, tuple[Any, Any]], build: Callable[..., Any]
+) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Declare a group of options once and hand a command their parsed value as *name*.
+
+    Typer reads a command's options from its signature, so several commands sharing a
+    filter would each repeat it option by option, then call the same parser: the
+    copies drift. The command takes one parameter *name*; this decorator puts the
+    *declared* options (name -> (annotation, default)) in its place in the signature
+    Typer sees, and calls the command with ``build(**their values)`` as *name*.
+    """
+
+    def decorate(command: Callable[..., T]) -> Callable[..., T]:
+        own = inspect.signature(command, eval_str=True)
+        parameters: list[inspect.Parameter] = []
+        for parameter in own.parameters.values():
+            if parameter.name != name:
+                parameters.append(parameter)
+                continue
+            parameters += [
+                inspect.Parameter(
+                    option,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=default,
+                    annotation=annotation,
+                )
+                for option, (annotation, default) in declared.items()
+            ]
+
+        @functools.wraps(command)
+        def wrapper(**given: Any) -> T:
+            grouped = {option: given.pop(option) for option in declared}
+            return command(**given, **{name: build(**grouped)})
+
+        wrapper.__signature__ = own.replace(  # type: ignore[attr-defined]
+            parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parameters]
+        )
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

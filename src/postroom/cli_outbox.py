@@ -14,12 +14,23 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from postroom.cli_ops import Actor, DryRun, Json, actor_or_user, fail, print_json, print_table, run
+from postroom.cli_ops import (
+    Actor,
+    DryRun,
+    Json,
+    actor_or_user,
+    fail,
+    options,
+    print_json,
+    print_table,
+    run,
+)
 from postroom.cli_ops import when as short_time
 from postroom.errors import PostroomError
+from postroom.pending import RowFilters
 
 if TYPE_CHECKING:
-    from postroom.pending import Change, PendingRow, RowFilters
+    from postroom.pending import Change, PendingRow
 
 Ids = Annotated[list[int] | None, typer.Argument(help="Outbox row ids.", show_default=False)]
 Topic = Annotated[str | None, typer.Option(help="Only this topic.")]
@@ -71,21 +82,30 @@ def _filters(
         fail(str(exc))
 
 
+_ROW_OPTIONS: dict[str, tuple[object, object]] = {
+    "ids": (Ids, None),
+    "topic": (Topic, None),
+    "routing_key": (RoutingKey, None),
+    "kind": (Kind, None),
+    "errored": (Errored, False),
+    "error": (ErrorText, None),
+    "older_than": (OlderThan, None),
+}
+listing = options("filters", _ROW_OPTIONS, _filters)
+"""The row filters of ``outbox list``, parsed into the command's ``filters``."""
+selecting = options("filters", {**_ROW_OPTIONS, "every": (All, False)}, _filters)
+"""The same and ``--all``, for the commands that change rows."""
+
+
+@listing
 def list_rows(
-    ids: Ids = None,
-    topic: Topic = None,
-    routing_key: RoutingKey = None,
-    kind: Kind = None,
-    errored: Errored = False,
-    error: ErrorText = None,
-    older_than: OlderThan = None,
+    filters: RowFilters,
     limit: Annotated[int, typer.Option(min=1, help="At most this many rows.")] = 50,
     as_json: Json = False,
 ) -> None:
     """List pending outbox rows, oldest first: topic, attempts, next try, last error."""
     from postroom.pending import rows
 
-    filters = _filters(ids, topic, routing_key, kind, errored, error, older_than)
     found = run(lambda s, e: rows(e, s.schema_name, filters, limit=limit))
     if as_json:
         print_json({"rows": [row.as_json() for row in found]})
@@ -121,15 +141,9 @@ def show_row(
         typer.echo(f"body            {json.dumps(shown['body'], indent=2)}")
 
 
+@selecting
 def retry(
-    ids: Ids = None,
-    topic: Topic = None,
-    routing_key: RoutingKey = None,
-    kind: Kind = None,
-    errored: Errored = False,
-    error: ErrorText = None,
-    older_than: OlderThan = None,
-    every: All = False,
+    filters: RowFilters,
     dry_run: DryRun = False,
     yes: Yes = False,
     actor: Actor = None,
@@ -138,7 +152,6 @@ def retry(
     """Make rows due now, so the relay tries them at once (after deploying their consumer)."""
     from postroom.pending import retry as run_retry
 
-    filters = _filters(ids, topic, routing_key, kind, errored, error, older_than, every)
     _confirm(filters, "retry", dry_run=dry_run, yes=yes)
     change = run(
         lambda s, e: run_retry(
@@ -148,15 +161,9 @@ def retry(
     _report(change, as_json, "retried" if not dry_run else "would be retried")
 
 
+@selecting
 def discard(
-    ids: Ids = None,
-    topic: Topic = None,
-    routing_key: RoutingKey = None,
-    kind: Kind = None,
-    errored: Errored = False,
-    error: ErrorText = None,
-    older_than: OlderThan = None,
-    every: All = False,
+    filters: RowFilters,
     dry_run: DryRun = False,
     yes: Yes = False,
     actor: Actor = None,
@@ -165,7 +172,6 @@ def discard(
     """Delete rows on purpose: their events are never sent. Audited (`postroom audit`)."""
     from postroom.pending import discard as run_discard
 
-    filters = _filters(ids, topic, routing_key, kind, errored, error, older_than, every)
     _confirm(filters, "discard", dry_run=dry_run, yes=yes)
     change = run(
         lambda s, e: run_discard(

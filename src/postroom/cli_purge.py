@@ -6,38 +6,15 @@ an un-purge restores purged dead letters within their retention.
 
 from __future__ import annotations
 
-from postroom.cli_filters import (
-    All,
-    Consumer,
-    ErrorType,
-    Ids,
-    Limit,
-    MessageId,
-    Reason,
-    RouterSpec,
-    Since,
-    Text,
-    Topic,
-    Until,
-    parse,
-    router_of,
-    selection,
-)
+from postroom.cli_filters import Limit, RouterSpec, router_of, selecting
 from postroom.cli_ops import Actor, DryRun, Json, actor_or_user
 from postroom.cli_runs import Yes, changed, progress_bar
+from postroom.filters import Filters
 
 
+@selecting()
 def purge(
-    ids: Ids = None,
-    consumer: Consumer = None,
-    topic: Topic = None,
-    error_type: ErrorType = None,
-    text: Text = None,
-    reason: Reason = None,
-    since: Since = None,
-    until: Until = None,
-    message_id: MessageId = None,
-    every: All = False,
+    filters: Filters,
     dry_run: DryRun = False,
     yes: Yes = False,
     limit: Limit = None,
@@ -48,20 +25,6 @@ def purge(
     """Give up on dead letters: mark them purged (restorable until pruned; audited)."""
     from postroom.purge import purge as run_purge
 
-    filters = selection(
-        ids,
-        every,
-        parse(
-            consumer=consumer,
-            topic=topic,
-            error_type=error_type,
-            text=text,
-            reason=reason,
-            since=since,
-            until=until,
-            message_id=message_id,
-        ),
-    )
     loaded = router_of(router)
     bar, progress = progress_bar("checking" if dry_run else "purging")
     with bar:
@@ -83,17 +46,9 @@ def purge(
         )
 
 
+@selecting()
 def unpurge(
-    ids: Ids = None,
-    consumer: Consumer = None,
-    topic: Topic = None,
-    error_type: ErrorType = None,
-    text: Text = None,
-    reason: Reason = None,
-    since: Since = None,
-    until: Until = None,
-    message_id: MessageId = None,
-    every: All = False,
+    filters: Filters,
     dry_run: DryRun = False,
     limit: Limit = None,
     router: RouterSpec = None,
@@ -105,20 +60,6 @@ def unpurge(
 
     from postroom.purge import unpurge as run_unpurge
 
-    filters = selection(
-        ids,
-        every,
-        parse(
-            consumer=consumer,
-            topic=topic,
-            error_type=error_type,
-            text=text,
-            reason=reason,
-            since=since,
-            until=until,
-            message_id=message_id,
-        ),
-    )
     loaded = router_of(router)
     bar, progress = progress_bar("checking" if dry_run else "restoring")
     with bar:

@@ -13,23 +13,7 @@ from typing import Annotated
 
 import typer
 
-from postroom.cli_filters import (
-    All,
-    Consumer,
-    ErrorType,
-    Ids,
-    Limit,
-    MessageId,
-    Reason,
-    RouterSpec,
-    Since,
-    Text,
-    Topic,
-    Until,
-    parse,
-    router_of,
-    selection,
-)
+from postroom.cli_filters import Limit, RouterSpec, router_of, selecting
 from postroom.cli_ops import (
     Actor,
     DryRun,
@@ -42,19 +26,12 @@ from postroom.cli_ops import (
     when,
 )
 from postroom.cli_runs import SHOWN, Yes, changed, progress_bar
+from postroom.filters import Filters
 
 
+@selecting()
 def replay(
-    ids: Ids = None,
-    consumer: Consumer = None,
-    topic: Topic = None,
-    error_type: ErrorType = None,
-    text: Text = None,
-    reason: Reason = None,
-    since: Since = None,
-    until: Until = None,
-    message_id: MessageId = None,
-    every: All = False,
+    filters: Filters,
     dry_run: DryRun = False,
     yes: Yes = False,
     threshold: Annotated[
@@ -79,20 +56,6 @@ def replay(
     from postroom.outbox import Outbox
     from postroom.replay import replay as run_replay
 
-    filters = selection(
-        ids,
-        every,
-        parse(
-            consumer=consumer,
-            topic=topic,
-            error_type=error_type,
-            text=text,
-            reason=reason,
-            since=since,
-            until=until,
-            message_id=message_id,
-        ),
-    )
     loaded = router_of(router)
     bar, progress = progress_bar("checking" if dry_run else "replaying")
     with bar:
