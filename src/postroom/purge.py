@@ -20,12 +20,12 @@ from postroom.audit import Action
 from postroom.deadletters import DeadStatus
 from postroom.filters import Filters
 from postroom.runs import (
-    ConfirmationNeededError,
     Item,
     Plan,
     Progress,
     Report,
     Verdict,
+    ask_first,
     execute,
     item_of,
     mark,
@@ -66,22 +66,29 @@ async def purge(
 
     parameters = {"filters": filters.as_json(), "limit": limit, "batch_size": batch_size}
     plan = Plan(Action.PURGE, DeadStatus.DEAD, judge, apply, parameters)
-    options: dict[str, Any] = {"actor": actor, "limit": limit, "router": router}
     if not (confirm or dry_run):
-        preview = await execute(
-            engine, schema, filters, plan, run="preview", dry_run=True, batch_size=1000, **options
+        await ask_first(
+            engine,
+            schema,
+            filters,
+            plan,
+            why="a purge always asks",
+            actor=actor,
+            limit=limit,
+            router=router,
         )
-        raise ConfirmationNeededError("purge", preview, "a purge always asks")
     return await execute(
         engine,
         schema,
         filters,
         plan,
         run=str(uuid.uuid4()),
+        actor=actor,
         dry_run=dry_run,
+        limit=limit,
         batch_size=batch_size,
         progress=progress,
-        **options,
+        router=router,
     )
 
 

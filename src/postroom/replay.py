@@ -33,12 +33,12 @@ from postroom.outbox import Outbox
 from postroom.redaction import H_REDACTED
 from postroom.runs import (
     DEFAULT_THRESHOLD,
-    ConfirmationNeededError,
     Item,
     Plan,
     Progress,
     Report,
     Verdict,
+    ask_first,
     execute,
     item_of,
     mark,
@@ -107,33 +107,26 @@ async def replay(
         "confirmed": confirm,
     }
     plan = Plan(Action.REPLAY, DeadStatus.DEAD, judge, apply, parameters)
-    options: dict[str, Any] = {"actor": actor, "limit": limit, "router": router}
     if not (dry_run or confirm):
         ids, _ = await select_ids(engine, schema, filters, DeadStatus.DEAD, limit, router=router)
         why = needs_confirmation(filters, len(ids), threshold)
         if why:
-            preview = await execute(
-                engine,
-                schema,
-                filters,
-                plan,
-                run="preview",
-                dry_run=True,
-                batch_size=1000,
-                **options,
+            await ask_first(
+                engine, schema, filters, plan, why=why, actor=actor, limit=limit, router=router
             )
-            raise ConfirmationNeededError("replay", preview, why)
     return await execute(
         engine,
         schema,
         filters,
         plan,
         run=str(uuid.uuid4()),
+        actor=actor,
         dry_run=dry_run,
+        limit=limit,
         batch_size=batch_size,
         rate=rate,
         progress=progress,
-        **options,
+        router=router,
     )
 
 

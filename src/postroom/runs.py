@@ -20,7 +20,7 @@ import itertools
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -174,6 +174,37 @@ class Plan:
     judge: Act
     apply: Apply
     parameters: dict[str, Any]
+
+
+async def ask_first(
+    engine: AsyncEngine,
+    schema: str,
+    filters: Filters,
+    plan: Plan,
+    *,
+    why: str,
+    actor: str,
+    limit: int | None,
+    router: Router | None,
+) -> NoReturn:
+    """Refuse to run *plan* unconfirmed: raise ConfirmationNeededError with its dry run.
+
+    The preview is the very run a ``--dry-run`` makes, so what a person confirms is what
+    the confirmed command then does.
+    """
+    preview = await execute(
+        engine,
+        schema,
+        filters,
+        plan,
+        run="preview",
+        actor=actor,
+        dry_run=True,
+        limit=limit,
+        batch_size=1000,
+        router=router,
+    )
+    raise ConfirmationNeededError(plan.action.value.split(".")[-1], preview, why)
 
 
 async def execute(
