@@ -14,7 +14,8 @@ concurrency as the worker's defaults (64 and 16):
   statement and one commit per batch, acks after it, a per-event handler call per
   message); ``, batch handler``: the same with a ``batch=True`` consumer writing the
   batch's rows with one ``executemany`` (target >= 0.6x the raw 200 per tx; both batch
-  variants are held to that baseline).
+  variants are held to that baseline); ``, concurrency 2``: the same with two handler
+  slots instead of 16, so natural batches fill up (the raw loop runs one batch at a time).
 The rate is (messages - 1) / (last handled - first handled), so process start-up and
 the fill are not counted.
 """
@@ -214,13 +215,14 @@ async def worker_consume(
     batch: int = 1,
     profile_to: Path | None = None,
     app: str = "bench.consumer_app:router",
+    concurrency: int = CONCURRENCY,
 ) -> Figure:
     await _reset(env)
     await fill(env, CONSUMER, n)
     meter = CpuMeter(env.database)
     extra_env = {
         "POSTROOM_WORKER_PREFETCH": str(max(PREFETCH, batch * 2)),
-        "POSTROOM_WORKER_CONCURRENCY": str(CONCURRENCY),
+        "POSTROOM_WORKER_CONCURRENCY": str(concurrency),
         "POSTROOM_WORKER_BATCH_SIZE": str(batch),
     }
     async with services(
@@ -250,6 +252,8 @@ async def worker_consume(
         name += ", ctx.session"
     if app.endswith(":batch_router"):
         name += ", batch handler"
+    if concurrency != CONCURRENCY:
+        name += f", concurrency {concurrency}"
     if profile_to:
         name += " (under py-spy)"
 
@@ -290,6 +294,10 @@ async def run(env: BenchEnv, results: Results, *, quick: bool, profile: Path | N
         lambda: worker_consume(env, n, app="bench.consumer_app:session_router"),
         lambda: worker_consume(env, n, batch=BATCH),
         lambda: worker_consume(env, n, batch=BATCH, app="bench.consumer_app:batch_router"),
+        # Fewer handler slots, fuller natural batches (what the raw loop's one lock does).
+        lambda: worker_consume(
+            env, n, batch=BATCH, app="bench.consumer_app:batch_router", concurrency=2
+        ),
     ):
         results.add(await variant())
     per_message = results.find("consumer", "postroom worker")
