@@ -11,7 +11,11 @@ concurrency as the worker's defaults (64 and 16):
   (inbox + handler's one-row insert through ``ctx.connection`` + commit + ack, per
   message); ``, ctx.session``: the same insert through an ORM session;
 * ``postroom worker, batch 200``: ``POSTROOM_WORKER_BATCH_SIZE=200`` (one inbox
-  statement and one commit per batch, acks after it; target >= 0.6x the raw 200 per tx).
+  statement and one commit per batch, acks after it, a per-event handler call per
+  message); ``, batch handler``: the same with a ``batch=True`` consumer writing the
+  batch's rows with one ``executemany`` (target >= 0.6x the raw 200 per tx; both batch
+  variants are held to that baseline); ``, concurrency 2``: the same with two handler
+  slots instead of 16, so natural batches fill up (the raw loop runs one batch at a time).
 The rate is (messages - 1) / (last handled - first handled), so process start-up and
 the fill are not counted.
 """
@@ -38,6 +42,7 @@ PREFETCH = 64
 CONCURRENCY = 16
 BATCH = 200
 BASE = "raw tx per message + ack"
+BATCH_BASE = f"raw {BATCH} per tx + ack"
 RAW_QUEUE = "bench.raw-consumer"
 INSERT = "INSERT INTO bench_consumed (order_id, handled_at) VALUES ($1, $2)"
 
@@ -190,7 +195,7 @@ async def raw_consume(env: BenchEnv, n: int, *, mode: str) -> Figure:
     finally:
         await connection.close()
         await pool.close()
-    name = {"ack": "raw consume + ack", "tx": BASE, "batch": f"raw {BATCH} per tx + ack"}[mode]
+    name = {"ack": "raw consume + ack", "tx": BASE, "batch": BATCH_BASE}[mode]
     return Figure(
         "consumer",
         name,
@@ -210,13 +215,14 @@ async def worker_consume(
     batch: int = 1,
     profile_to: Path | None = None,
     app: str = "bench.consumer_app:router",
+    concurrency: int = CONCURRENCY,
 ) -> Figure:
     await _reset(env)
     await fill(env, CONSUMER, n)
     meter = CpuMeter(env.database)
     extra_env = {
         "POSTROOM_WORKER_PREFETCH": str(max(PREFETCH, batch * 2)),
-        "POSTROOM_WORKER_CONCURRENCY": str(CONCURRENCY),
+        "POSTROOM_WORKER_CONCURRENCY": str(concurrency),
         "POSTROOM_WORKER_BATCH_SIZE": str(batch),
     }
     async with services(
@@ -244,6 +250,10 @@ async def worker_consume(
     name = "postroom worker" + (f", batch {batch}" if batch > 1 else "")
     if app.endswith(":session_router"):
         name += ", ctx.session"
+    if app.endswith(":batch_router"):
+        name += ", batch handler"
+    if concurrency != CONCURRENCY:
+        name += f", concurrency {concurrency}"
     if profile_to:
         name += " (under py-spy)"
 
@@ -254,7 +264,7 @@ async def worker_consume(
         "msg/s",
         messages=n,
         seconds=round(span, 3),
-        baseline=BASE,
+        baseline=BATCH_BASE if batch > 1 else BASE,
         extra={**extra_env, "handled": count},
     ).with_cpu(cpu_delta(before, after))
 
@@ -283,6 +293,11 @@ async def run(env: BenchEnv, results: Results, *, quick: bool, profile: Path | N
         lambda: worker_consume(env, n),
         lambda: worker_consume(env, n, app="bench.consumer_app:session_router"),
         lambda: worker_consume(env, n, batch=BATCH),
+        lambda: worker_consume(env, n, batch=BATCH, app="bench.consumer_app:batch_router"),
+        # Fewer handler slots, fuller natural batches (what the raw loop's one lock does).
+        lambda: worker_consume(
+            env, n, batch=BATCH, app="bench.consumer_app:batch_router", concurrency=2
+        ),
     ):
         results.add(await variant())
     per_message = results.find("consumer", "postroom worker")
@@ -295,5 +310,14 @@ async def run(env: BenchEnv, results: Results, *, quick: bool, profile: Path | N
         results.add(await worker_consume(env, n, profile_to=profile))
         results.add(
             await worker_consume(env, n, batch=BATCH, profile_to=profile.with_suffix(".batch.txt"))
+        )
+        results.add(
+            await worker_consume(
+                env,
+                n,
+                batch=BATCH,
+                app="bench.consumer_app:batch_router",
+                profile_to=profile.with_suffix(".batch-handler.txt"),
+            )
         )
     _ = consumed

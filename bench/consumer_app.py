@@ -12,7 +12,7 @@ import time
 from sqlalchemy import BigInteger, Column, Double, MetaData, Table, insert
 
 from bench.payload import BenchOrder
-from postroom import Context, Router
+from postroom import BatchContext, Context, Router
 
 CONSUMER = "bench.consumer"
 
@@ -42,3 +42,18 @@ session_router = Router()
 @session_router.consumer(CONSUMER, BenchOrder, max_attempts=3)
 async def handle_in_session(event: BenchOrder, ctx: Context) -> None:
     await ctx.session.execute(INSERT, {"order_id": event.order_id, "handled_at": time.time()})
+
+
+batch_router = Router()
+"""A batch handler (``batch=True``): one call per batch, all its rows in ONE statement.
+
+SQLAlchemy Core's ``execute(INSERT, [rows...])`` (no RETURNING) goes to asyncpg's
+``executemany``, the write the raw 200-per-transaction loop does."""
+
+
+@batch_router.consumer(CONSUMER, BenchOrder, max_attempts=3, batch=True)
+async def handle_batch(events: list[BenchOrder], ctx: BatchContext) -> None:
+    now = time.time()
+    await ctx.connection.execute(
+        INSERT, [{"order_id": event.order_id, "handled_at": now} for event in events]
+    )

@@ -13,14 +13,22 @@ import aio_pika
 import pytest
 from sqlalchemy import text
 
-from postroom import Outbox
+from postroom import Outbox, PostroomError, testing
 from postroom.dispatch import Pipeline, dispatch
 from postroom.failures import Outcome
 from postroom.faults import WORKER_AFTER_COMMIT, WORKER_IN_HANDLER
 from postroom.message import Delivery, Message, uuid7
 from postroom.settings import Settings
+from postroom.testing import DeadReason
 from postroom.tracing import trace_id
-from tests.apps.billing import EFFECTS_DDL, Charge, Charged, router
+from tests.apps.billing import (
+    EFFECTS_DDL,
+    Charge,
+    Charged,
+    batch_router,
+    ledger_calls,
+    router,
+)
 from tests.helpers import (
     bind_queue,
     collect,
@@ -416,3 +424,162 @@ async def test_worker_in_batch_mode_applies_each_message_once(app, sessions, lin
     charged = [r.event_id for r in await effects(sessions, app, "billing.charge")]
     assert sorted(charged) == [*range(100), 1000]
     assert len(await effects(sessions, app, "billing.audit")) == 101
+
+
+# Batch consumers (batch=True): one handler call per batch, same guarantees.
+
+ledger = batch_router["billing.ledger"]
+
+
+@pytest.fixture
+async def books(app: Settings, amqp):
+    """The app's settings for the batch router; its calls are counted afresh."""
+    ledger_calls.clear()
+    yield app
+    await delete_queues(amqp, batch_router)
+
+
+async def inbox_transactions(sessions, settings: Settings, consumer: str) -> int:
+    """How many transactions wrote *consumer*'s inbox rows (their distinct xmin)."""
+    async with sessions() as session:
+        result = await session.execute(
+            text(
+                f'SELECT count(DISTINCT xmin::text) FROM "{settings.schema_name}".inbox '
+                "WHERE consumer = :c"
+            ),
+            {"c": consumer},
+        )
+        return int(result.scalar_one())
+
+
+async def test_batch_handler_gets_the_fresh_events_once_in_one_transaction(books, sessions):
+    seen_before = testing.message(Charge(id=0))
+    assert (
+        await testing.deliver(seen_before, ledger, sessions, schema=books.schema_name)
+    ).outcome is Outcome.ACKED
+    assert ledger_calls == [1]  # one message dispatched alone: a list of one
+    fresh = [testing.message(Charge(id=i)) for i in (1, 2, 3)]
+    broken = Delivery(
+        body=b"{broken",
+        message_id=str(uuid.uuid4()),
+        type="billing.charge",
+        content_type="application/json",
+    )
+    batch = [fresh[0], seen_before, fresh[1], broken, fresh[0], fresh[2]]
+    results = await testing.deliver_batch(batch, ledger, sessions, schema=books.schema_name)
+    assert [r.outcome for r in results] == [
+        Outcome.ACKED,
+        Outcome.DUPLICATE,
+        Outcome.ACKED,
+        Outcome.DEAD,
+        Outcome.DUPLICATE,
+        Outcome.ACKED,
+    ]
+    assert ledger_calls == [1, 3]  # the duplicates and the undecodable one never shown
+    rows = await effects(sessions, books, "billing.ledger")
+    assert sorted(r.event_id for r in rows) == [0, 1, 2, 3]
+    assert {r.message_id for r in rows[1:]} == {m.message_id for m in fresh}
+    assert [letter["reason"] for letter in await dead_letters(sessions, books)] == ["undecodable"]
+    assert await inbox_transactions(sessions, books, "billing.ledger") == 2  # one per dispatch
+
+
+async def test_poison_in_a_batch_is_handled_alone_and_the_rest_commit(books, sessions):
+    ok = [testing.message(Charge(id=i)) for i in (1, 2)]
+    rejected = testing.message(Charge(id=3, mode="reject"))
+    flaky = testing.message(Charge(id=4, mode="fail_until", n=2))
+    doomed = testing.message(Charge(id=5, mode="always"))
+    results = await testing.deliver_batch(
+        [ok[0], rejected, flaky, doomed, ok[1]], ledger, sessions, schema=books.schema_name
+    )
+    assert [r.outcome for r in results] == [
+        Outcome.ACKED,
+        Outcome.DEAD,
+        Outcome.RETRY,
+        Outcome.RETRY,
+        Outcome.ACKED,
+    ]
+    # The batch of five failed and rolled back; then each ran alone, in its own transaction.
+    assert ledger_calls == [5, 1, 1, 1, 1, 1]
+    assert sorted(r.event_id for r in await effects(sessions, books, "billing.ledger")) == [1, 2]
+    assert await inbox_transactions(sessions, books, "billing.ledger") == 2
+    [letter] = await testing.dead_letters(sessions, ledger, schema=books.schema_name)
+    assert (letter.message_id, letter.reason) == (str(rejected.message_id), DeadReason.REJECTED)
+    assert letter.error_message == "charge 3 is invalid"
+    # Retries, attempts and backoff as for any consumer: the flaky one succeeds on its
+    # second attempt, the doomed one is dead after max_attempts (3) with its own reason.
+    second = await testing.deliver_retries(ledger, sessions, schema=books.schema_name)
+    assert sorted((r.message_id, r.outcome, r.attempt) for r in second) == sorted(
+        [(str(flaky.message_id), Outcome.ACKED, 2), (str(doomed.message_id), Outcome.RETRY, 2)]
+    )
+    third = await testing.deliver_retries(ledger, sessions, schema=books.schema_name)
+    assert [(r.message_id, r.outcome, r.attempt) for r in third] == [
+        (str(doomed.message_id), Outcome.DEAD, 3)
+    ]
+    assert await testing.deliver_retries(ledger, sessions, schema=books.schema_name) == []
+    letters = {
+        d.message_id: d
+        for d in await testing.dead_letters(sessions, ledger, schema=books.schema_name)
+    }
+    assert letters[str(doomed.message_id)].reason is DeadReason.EXHAUSTED
+    assert letters[str(doomed.message_id)].attempts == 3
+    assert sorted(r.event_id for r in await effects(sessions, books, "billing.ledger")) == [
+        1,
+        2,
+        4,
+    ]
+
+
+async def test_follow_ups_of_a_batch_name_each_its_own_cause(books, sessions):
+    incoming = [testing.message(Charge(id=i, mode="follow_up")) for i in (1, 2, 3)]
+    results = await testing.deliver_batch(incoming, ledger, sessions, schema=books.schema_name)
+    assert [r.outcome for r in results] == [Outcome.ACKED] * 3
+    assert ledger_calls == [3]
+    follow_ups = await testing.published_messages(sessions, Charged.topic, schema=books.schema_name)
+    assert len(follow_ups) == 3
+    by_cause = {m.causation_id: m for m in follow_ups}
+    for message in incoming:
+        follow_up = by_cause[str(message.message_id)]
+        assert follow_up.correlation_id == message.correlation_id
+        assert follow_up.key == f"charge-{json.loads(message.body)['id']}"
+        assert trace_id(follow_up.traceparent) == trace_id(message.traceparent)
+
+
+async def test_a_cause_from_outside_the_batch_is_refused(books, sessions, pipeline):
+    from postroom import BatchContext
+    from postroom.router import Context
+
+    inside, outside = testing.message(Charge(id=1)), testing.message(Charge(id=2))
+    async with sessions() as session, session.begin():
+        connection = await session.connection()
+        context = Context(
+            connection=connection, message=inside, consumer=ledger.name, outbox=pipeline.outbox
+        )
+        with pytest.raises(PostroomError, match="not a message of this batch"):
+            await BatchContext(context, [inside]).publish(Charged(id=2), cause=outside)
+
+
+def test_a_batch_consumer_cannot_be_ordered():
+    import postroom
+
+    with pytest.raises(PostroomError, match="batch=True cannot be ordered=True"):
+        postroom.Router().consumer("billing.keyed", Charge, batch=True, ordered=True)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("size", [1, 25], ids=["per-message-worker", "batching-worker"])
+async def test_worker_runs_a_batch_consumer_once_per_message(books, sessions, size):
+    batched = books.model_copy(update={"worker_batch_size": size, "worker_batch_wait": 0.01})
+    await publish(
+        sessions,
+        batched,
+        *[Charge(id=i) for i in range(100)],
+        Charge(id=1000, mode="fail_until", n=2),
+    )
+    async with running_worker(batched, batch_router) as worker, running_relay(batched):
+        await eventually(lambda: worker.stats.outcomes.get("acked", 0) >= 101)
+    assert worker.stats.outcomes == {"acked": 101, "retry": 1}
+    charged = [r.event_id for r in await effects(sessions, books, "billing.ledger")]
+    assert sorted(charged) == [*range(100), 1000]
+    if size == 1:
+        assert set(ledger_calls) == {1}
+    else:
+        assert max(ledger_calls) > 1 and max(ledger_calls) <= size, ledger_calls

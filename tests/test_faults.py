@@ -220,12 +220,20 @@ MIXED_SHORT = [
         # One transaction per batch; a failed batch is rolled back and dispatched one
         # message per transaction (the workload has poison messages and shared rows).
         {"POSTROOM_WORKER_BATCH_SIZE": "25", "POSTROOM_WORKER_BATCH_WAIT": "0.005"},
+        # The same, with faults.audit a batch handler (one call per batch, batch=True).
+        {
+            "POSTROOM_WORKER_BATCH_SIZE": "25",
+            "POSTROOM_WORKER_BATCH_WAIT": "0.005",
+            "app": "tests.apps.faultapp:batch_router",
+        },
     ],
-    ids=["per-message-workers", "batching-workers"],
+    ids=["per-message-workers", "batching-workers", "batch-handler-workers"],
 )
 async def test_mixed_faults_short(proxied, tmp_path, seed, fleet_env):
     await run_scenario(
-        "mixed-short" + ("-batched" if fleet_env else ""),
+        "mixed-short"
+        + ("-batched" if fleet_env else "")
+        + ("-handler" if "app" in fleet_env else ""),
         proxied,
         tmp_path,
         seed=seed,

@@ -108,3 +108,55 @@ def test_without_the_extra_postroom_runs_and_traceparent_still_flows(settings, n
     assert trace_of(seen["follow_up"]) == trace_of(published), "the follow-up continues it"
     assert seen["follow_up"] != published, "with a span id of its own"
     assert seen["ledger"] == seen["follow_up"]
+
+
+BATCH_SPAN = """
+import json
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+
+import postroom
+from postroom import testing, tracing
+
+class Entry(postroom.Event, topic="traced.entry"):
+    n: int
+
+messages = [testing.message(Entry(n=i)) for i in range(3)]
+with tracing.processing_batch(consumer="traced.batch", messages=messages):
+    pass
+[span] = exporter.get_finished_spans()
+print(json.dumps({
+    "name": span.name,
+    "kind": span.kind.name,
+    "parent": span.parent is not None,
+    "links": sorted(format(link.context.trace_id, "032x") for link in span.links),
+    "traces": sorted(m.traceparent.split("-")[1] for m in messages),
+    "count": span.attributes["messaging.batch.message_count"],
+}))
+"""
+
+
+def test_a_batch_handler_runs_in_one_span_linked_to_each_message_trace():
+    done = subprocess.run(
+        [sys.executable, "-c", BATCH_SPAN],
+        env={"PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    span = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (span["name"], span["kind"], span["parent"]) == (
+        "process traced.batch",
+        "CONSUMER",
+        False,
+    )
+    assert span["links"] == span["traces"] and span["count"] == 3

@@ -10,11 +10,12 @@ from postroom.events import Event
 from postroom.message import Message
 from postroom.outbox import Outbox, configure, publish
 from postroom.redaction import Redaction
-from postroom.router import Context, Router
+from postroom.router import BatchContext, Context, Router
 from postroom.settings import Settings
 from postroom.tables import metadata
 
 __all__ = [
+    "BatchContext",
     "Context",
     "Event",
     "Message",

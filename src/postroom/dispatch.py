@@ -39,7 +39,7 @@ from postroom.failures import (
 from postroom.message import Delivery, Message
 from postroom.outage import is_outage
 from postroom.outbox import Outbox
-from postroom.router import Consumer, Context
+from postroom.router import BatchContext, Consumer, Context
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +150,8 @@ async def _run_batch(
                 message_ids=[i.message.message_id for i in items if isinstance(i, _Decoded)],
             )
             claimed = True
-            await _run_items(connection, items, fresh, consumer, pipeline, results, failures)
+            run = _run_batch_handler if consumer.batch_handler is not None else _run_items
+            await run(connection, items, fresh, consumer, pipeline, results, failures)
     except _HandlerFailed:
         raise
     except Exception as exc:
@@ -191,6 +192,61 @@ async def _run_items(
             await write(session, item, consumer, pipeline.outbox)
         failures.append(item)
         results.append(item.result)
+
+
+async def _run_batch_handler(
+    connection: AsyncConnection,
+    items: list[_Decoded | Failure],
+    fresh: set[Any],
+    consumer: Consumer[Any],
+    pipeline: Pipeline,
+    results: list[Result],
+    failures: list[Failure],
+) -> None:
+    """A ``batch=True`` consumer: write the failures, then ONE handler call for the rest.
+
+    Duplicates and failures never reach the handler; *results* stay aligned with
+    *items*, the accepted ones ``acked`` once the handler returned (the caller commits).
+    """
+    accepted: list[_Decoded] = []
+    for item in items:
+        if isinstance(item, _Decoded):
+            if item.message.message_id not in fresh:  # processed before, or twice here
+                results.append(result_of(Outcome.DUPLICATE, item.message))
+                continue
+            fresh.discard(item.message.message_id)
+            accepted.append(item)
+            results.append(result_of(Outcome.ACKED, item.message))
+            continue
+        async with pipeline.sessions(bind=connection) as session:
+            session.sync_session.begin()  # join the batch's transaction
+            await write(session, item, consumer, pipeline.outbox)
+        failures.append(item)
+        results.append(item.result)
+    if not accepted:
+        return
+    assert consumer.batch_handler is not None
+    messages = [item.message for item in accepted]
+    transaction = Context(
+        connection=connection,
+        message=messages[0],
+        consumer=consumer.name,
+        outbox=pipeline.outbox,
+        sessions=pipeline.sessions,
+    )
+    try:
+        faults.crash_point(pipeline.crash_at, faults.WORKER_IN_HANDLER)
+        with tracing.processing_batch(consumer=consumer.name, messages=messages):
+            await consumer.batch_handler(
+                [item.event for item in accepted], BatchContext(transaction, messages)
+            )
+            await transaction.flush()
+    except Exception as exc:
+        if is_outage(exc):
+            raise
+        raise _HandlerFailed from exc
+    finally:
+        await transaction.release()
 
 
 def _decode(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeline) -> _Decoded | Failure:

@@ -6,12 +6,13 @@ they are explicit strings, never derived from function names.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from postroom.errors import PostroomError
 from postroom.events import Event, topic_of
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 E = TypeVar("E", bound=Event)
 Handler = Callable[[E, "Context"], Awaitable[None]]
+BatchHandler = Callable[[list[E], "BatchContext"], Awaitable[None]]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,200}$")
 
@@ -68,6 +70,9 @@ class Consumer(Generic[E]):
     """Events the handler may publish; declared for documentation (``postroom asyncapi``)."""
     redaction: Redaction | None = None
     """What of a failed message is dropped or masked before it is stored as a dead letter."""
+    batch_handler: BatchHandler[E] | None = None
+    """Set for ``batch=True``: the handler taking a whole batch. :attr:`handler` is then
+    the same handler called with a list of one (what a one-message dispatch runs)."""
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -82,6 +87,36 @@ class Router:
         self._consumers: dict[str, Consumer[Any]] = {}
         self._redact = redact
 
+    @overload
+    def consumer(
+        self,
+        name: str,
+        event_type: type[E],
+        *,
+        max_attempts: int = ...,
+        backoff: timedelta = ...,
+        backoff_cap: timedelta = ...,
+        ordered: bool = ...,
+        publishes: Sequence[type[Event]] = ...,
+        redact: Redaction | None = ...,
+        batch: Literal[False] = ...,
+    ) -> Callable[[Handler[E]], Handler[E]]: ...
+
+    @overload
+    def consumer(
+        self,
+        name: str,
+        event_type: type[E],
+        *,
+        max_attempts: int = ...,
+        backoff: timedelta = ...,
+        backoff_cap: timedelta = ...,
+        ordered: Literal[False] = ...,
+        publishes: Sequence[type[Event]] = ...,
+        redact: Redaction | None = ...,
+        batch: Literal[True],
+    ) -> Callable[[BatchHandler[E]], BatchHandler[E]]: ...
+
     def consumer(
         self,
         name: str,
@@ -93,7 +128,8 @@ class Router:
         ordered: bool = False,
         publishes: Sequence[type[Event]] = (),
         redact: Redaction | None = None,
-    ) -> Callable[[Handler[E]], Handler[E]]:
+        batch: bool = False,
+    ) -> Callable[[Any], Any]:
         """Register the decorated coroutine as consumer *name* of *event_type*.
 
         *ordered* consumers get a single-active-consumer queue and handle messages of one
@@ -101,11 +137,22 @@ class Router:
         *publishes* lists the events the handler publishes, for the AsyncAPI document;
         it is not enforced. *redact* says what of a failed message is dropped or masked
         before it is stored as a dead letter (default: the router's).
+
+        *batch*: the handler takes the whole batch the worker took
+        (``POSTROOM_WORKER_BATCH_SIZE``), ``async def h(events: list[E], ctx:
+        BatchContext)``, so it can write all rows with one statement. The guarantees
+        are the per-event ones (see :class:`BatchContext`); the price: if the handler
+        raises, the batch is rolled back and every message handled again alone.
         """
         if not _NAME.match(name):
             raise PostroomError(f"consumer name {name!r} must match {_NAME.pattern}")
         if name in self._consumers:
             raise PostroomError(f"consumer {name!r} is registered twice")
+        if batch and ordered:
+            raise PostroomError(
+                f"consumer {name!r}: batch=True cannot be ordered=True: an ordered consumer "
+                "handles one message of a key at a time, so its batches would hold one message"
+            )
         topic_of(event_type)  # fail at import time, not at the first message
         for published in publishes:
             topic_of(published)
@@ -120,7 +167,12 @@ class Router:
                 self._consumers[name] = replace(self._consumers[name], redaction=redaction)
             return handler
 
-        return register
+        def register_batch(handler: BatchHandler[E]) -> BatchHandler[E]:
+            register(_one_of(handler))
+            self._consumers[name] = replace(self._consumers[name], batch_handler=handler)
+            return handler
+
+        return register_batch if batch else register
 
     def include(self, other: Router) -> None:
         """Add every consumer of *other* (for routers split across modules)."""
@@ -218,4 +270,88 @@ class Context:
             causation_id=str(incoming.message_id),
             # The handler's span (OpenTelemetry), else the incoming trace continued.
             traceparent=current_traceparent() or child_traceparent(incoming.traceparent),
+        )
+
+
+def _one_of(handler: BatchHandler[E]) -> Handler[E]:
+    """The batch *handler* as a per-event one: a list of one, the message's context.
+
+    What a one-message dispatch runs: a batch's fallback after a failure, a worker
+    with ``POSTROOM_WORKER_BATCH_SIZE=1``, a retry, ``postroom.testing.deliver``.
+    """
+
+    @functools.wraps(handler)  # its name and docstring (``postroom asyncapi``)
+    async def one(event: E, ctx: Context) -> None:
+        await handler([event], BatchContext(ctx, [ctx.message]))
+
+    return one
+
+
+class BatchContext:
+    """What a batch handler gets besides its events: one transaction, each event's message.
+
+    :attr:`messages` is aligned with the events (``messages[i]`` carried
+    ``events[i]``); duplicates, undecodable, unknown-topic and too-large messages were
+    taken out before the handler was called. Everything written through
+    :attr:`connection`, :attr:`session` and :meth:`publish` commits together with the
+    batch's inbox rows, or not at all. If the handler raises, the whole batch rolls back
+    and each message is handled again alone (a list of one, a transaction of its own), so
+    a poison message is retried or dead-lettered with its own reason while the others
+    commit: the handler must tolerate running again, as after any crash.
+    """
+
+    __slots__ = ("_transaction", "messages")
+
+    def __init__(self, transaction: Context, messages: Sequence[Message]) -> None:
+        """*transaction* is the batch's transaction handle (its ``message`` unused)."""
+        self._transaction = transaction
+        self.messages = messages
+
+    @property
+    def connection(self) -> AsyncConnection:
+        """The batch's transaction (SQLAlchemy Core or ``text()``): the fast handle."""
+        return self._transaction.connection
+
+    @property
+    def session(self) -> AsyncSession:
+        """An ORM session in the batch's transaction, made at first use; never commit it."""
+        return self._transaction.session
+
+    @property
+    def consumer(self) -> str:
+        return self._transaction.consumer
+
+    @property
+    def outbox(self) -> Outbox:
+        return self._transaction.outbox
+
+    async def publish(
+        self,
+        event: Event,
+        *,
+        cause: Message,
+        key: str | None = None,
+        delay: timedelta | None = None,
+        headers: Mapping[str, HeaderValue] | None = None,
+    ) -> Message:
+        """Publish a follow-up of *cause* (one of :attr:`messages`) in the batch's transaction.
+
+        Causation and correlation are *cause*'s, as if its event had been handled alone;
+        the follow-up continues *cause*'s trace (not the batch's span, which many traces
+        share).
+        """
+        if not any(cause is m for m in self.messages):
+            raise PostroomError(
+                f"cause {cause.message_id} is not a message of this batch: pass one of "
+                "ctx.messages, the one whose event this follows up"
+            )
+        return await self.outbox.publish(
+            self.session,
+            event,
+            key=key,
+            delay=delay,
+            headers=headers,
+            correlation_id=cause.correlation_id or str(cause.message_id),
+            causation_id=str(cause.message_id),
+            traceparent=child_traceparent(cause.traceparent),
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -25,7 +25,7 @@ from sqlalchemy import ColumnElement, Row, and_, delete, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from postroom.deadletters import DeadLetter, DeadReason, DeadStatus
-from postroom.dispatch import Pipeline, dispatch
+from postroom.dispatch import Pipeline, dispatch, dispatch_batch
 from postroom.events import Event, topic_of
 from postroom.failures import DEFAULT_EXCHANGE, Outcome, Result
 from postroom.message import Delivery, HeaderValue, Message, uuid7
@@ -42,6 +42,7 @@ __all__ = [
     "Result",
     "dead_letters",
     "deliver",
+    "deliver_batch",
     "deliver_retries",
     "install",
     "message",
@@ -173,6 +174,29 @@ async def deliver(
         delivered = dataclasses.replace(delivered, attempt=attempt)
     raw = delivered if isinstance(delivered, Delivery) else Delivery.of(delivered)
     return await dispatch(raw, consumer, _pipeline(sessions, schema, max_body_bytes))
+
+
+async def deliver_batch(
+    delivered: Sequence[Event | Message | Delivery],
+    consumer: Consumer[Any],
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    schema: str | None = None,
+    max_body_bytes: int | None = None,
+) -> list[Result]:
+    """Hand several messages to *consumer* as ONE worker batch; return their outcomes, aligned.
+
+    What a worker with ``POSTROOM_WORKER_BATCH_SIZE`` > 1 does with what it took: one
+    transaction for the lot (a ``batch=True`` consumer's handler is called once, with
+    the events that are neither duplicates nor undecodable); if a handler raises, that
+    transaction rolls back and each message is dispatched alone, as :func:`deliver`
+    would. Items are as for :func:`deliver`; repeat a message to see it filtered out.
+    """
+    raw = [
+        d if isinstance(d, Delivery) else Delivery.of(message(d) if isinstance(d, Event) else d)
+        for d in delivered
+    ]
+    return await dispatch_batch(raw, consumer, _pipeline(sessions, schema, max_body_bytes))
 
 
 async def deliver_retries(

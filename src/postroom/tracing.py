@@ -190,6 +190,40 @@ def processing(
     return span
 
 
+def processing_batch(
+    *, consumer: str, messages: Sequence[Any]
+) -> contextlib.AbstractContextManager[Any]:
+    """Run a batch handler inside one consumer span, linked to each message's trace.
+
+    A batch has many parents, so its span starts a trace of its own and links them
+    (the messaging conventions' batch shape); *messages* are :class:`postroom.Message`.
+    """
+    tracer = _tracer()
+    if tracer is None:
+        return _NOT_TRACED
+    trace = _otel()
+    links = []
+    for message in messages:
+        parent = trace.get_current_span(_parent(message.traceparent)).get_span_context()
+        if parent.is_valid:
+            links.append(trace.Link(parent))
+    span: contextlib.AbstractContextManager[Any] = tracer.start_as_current_span(
+        f"process {consumer}",
+        context=trace.set_span_in_context(trace.INVALID_SPAN),
+        kind=trace.SpanKind.CONSUMER,
+        links=links,
+        attributes={
+            "messaging.system": SYSTEM,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": consumer,
+            "messaging.consumer.group.name": consumer,
+            "messaging.batch.message_count": len(messages),
+        },
+    )
+    return span
+
+
 class Sending(Generic[_S]):
     """The messages of one relay batch, each with its producer span (see :func:`sending`)."""
 

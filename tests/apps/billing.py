@@ -79,3 +79,47 @@ EFFECTS_DDL = (
     "consumer text NOT NULL, message_id uuid NOT NULL, event_id int NOT NULL, "
     "attempt int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
 )
+
+
+batch_router = postroom.Router()
+"""A batch consumer of the same events: one handler call per batch, one statement for its
+rows. ``ledger_calls`` holds each call's batch size (the in-process tests read it)."""
+
+ledger_calls: list[int] = []
+
+
+@batch_router.consumer(
+    "billing.ledger",
+    Charge,
+    batch=True,
+    max_attempts=3,
+    backoff=timedelta(milliseconds=200),
+    backoff_cap=timedelta(seconds=1),
+)
+async def ledger(events: list[Charge], ctx: postroom.BatchContext) -> None:
+    """Book charges in the ledger, a batch at a time."""
+    ledger_calls.append(len(events))
+    await ctx.connection.execute(
+        text(
+            f'INSERT INTO "{ctx.outbox.schema}".effects (consumer, message_id, event_id, attempt) '
+            "VALUES (:consumer, :message_id, :event_id, :attempt)"
+        ),
+        [
+            {
+                "consumer": "billing.ledger",
+                "message_id": message.message_id,
+                "event_id": event.id,
+                "attempt": message.attempt,
+            }
+            for event, message in zip(events, ctx.messages, strict=True)
+        ],
+    )
+    for event, message in zip(events, ctx.messages, strict=True):
+        if event.mode == "fail_until" and message.attempt < event.n:
+            raise RuntimeError(f"transient failure on attempt {message.attempt}")
+        if event.mode == "always":
+            raise TimeoutError("the ledger timed out")
+        if event.mode == "reject":
+            raise postroom.Reject(f"charge {event.id} is invalid")
+        if event.mode == "follow_up":
+            await ctx.publish(Charged(id=event.id), cause=message, key=f"charge-{event.id}")

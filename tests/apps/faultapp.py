@@ -2,7 +2,8 @@
 
 Two consumers of one topic, as a service would have: ``faults.apply`` asks for per-key
 order and rejects poison entries at once; ``faults.audit`` is unordered and fails on poison
-entries every time, so they are dead letters only after their attempts run out. Each handler
+entries every time, so they are dead letters only after their attempts run out
+(``batch_router``: the same, with ``faults.audit`` a batch handler). Each handler
 writes its effect row ``(consumer, message_id, key, seq)`` in the handler's transaction,
 into the test schema's ``fault_effects`` table (found through ``ctx.outbox.schema``), so
 "applied" is read from the database. Each keyed effect also takes its position in its key's
@@ -17,6 +18,7 @@ import asyncio
 from datetime import timedelta
 
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 import postroom
 from postroom.router import Context
@@ -32,14 +34,16 @@ class Entry(postroom.Event, topic="faults.entry"):
     sleep: float = 0.0
 
 
-router = postroom.Router()
-
-
 async def record(consumer: str, event: Entry, ctx: Context) -> None:
-    schema = ctx.outbox.schema
+    await record_effect(consumer, event, ctx.message, ctx.session, ctx.outbox.schema)
+
+
+async def record_effect(
+    consumer: str, event: Entry, message: postroom.Message, session: AsyncSession, schema: str
+) -> None:
     position = 0
     if event.key is not None:
-        result = await ctx.session.execute(
+        result = await session.execute(
             text(
                 f'INSERT INTO "{schema}".fault_heads AS h (consumer, key, n) '
                 "VALUES (:consumer, :key, 1) ON CONFLICT (consumer, key) "
@@ -48,7 +52,7 @@ async def record(consumer: str, event: Entry, ctx: Context) -> None:
             {"consumer": consumer, "key": event.key},
         )
         position = result.scalar_one()
-    await ctx.session.execute(
+    await session.execute(
         text(
             f'INSERT INTO "{schema}".fault_effects '
             "(consumer, message_id, key, seq, position, attempt) "
@@ -56,18 +60,21 @@ async def record(consumer: str, event: Entry, ctx: Context) -> None:
         ),
         {
             "consumer": consumer,
-            "message_id": ctx.message.message_id,
+            "message_id": message.message_id,
             "key": event.key,
             "seq": event.seq,
             "position": position,
-            "attempt": ctx.attempt,
+            "attempt": message.attempt,
         },
     )
     if event.sleep:
         await asyncio.sleep(event.sleep)  # a slow handler, holding its key's row lock
 
 
-@router.consumer(
+ordered = postroom.Router()
+
+
+@ordered.consumer(
     APPLY,
     Entry,
     ordered=True,
@@ -81,6 +88,10 @@ async def apply(event: Entry, ctx: Context) -> None:
         raise postroom.Reject(f"poison entry {event.key}/{event.seq}")
 
 
+router = postroom.Router()
+router.include(ordered)
+
+
 @router.consumer(
     AUDIT,
     Entry,
@@ -91,6 +102,26 @@ async def apply(event: Entry, ctx: Context) -> None:
 async def audit(event: Entry, ctx: Context) -> None:
     await record(AUDIT, event, ctx)
     if event.poison:
+        raise RuntimeError("the audit service always fails on this entry")
+
+
+batch_router = postroom.Router()
+"""The same app with ``faults.audit`` as a batch handler (``batch=True``)."""
+batch_router.include(ordered)
+
+
+@batch_router.consumer(
+    AUDIT,
+    Entry,
+    batch=True,
+    max_attempts=2,
+    backoff=timedelta(milliseconds=100),
+    backoff_cap=timedelta(milliseconds=300),
+)
+async def audit_batch(events: list[Entry], ctx: postroom.BatchContext) -> None:
+    for event, message in zip(events, ctx.messages, strict=True):
+        await record_effect(AUDIT, event, message, ctx.session, ctx.outbox.schema)
+    if any(event.poison for event in events):  # the batch fails; alone, only the poison
         raise RuntimeError("the audit service always fails on this entry")
 
 

@@ -319,8 +319,10 @@ class Fleet:
     recorded in :attr:`unexpected`, with the tail of its log, and fails the scenario.
     """
 
-    def __init__(self, settings: Settings, logdir: Path, **env: str) -> None:
+    def __init__(self, settings: Settings, logdir: Path, *, app: str = APP, **env: str) -> None:
+        """*app* is the workers' router; *env* their extra settings."""
         self.settings = settings
+        self.app = app
         self.logdir = logdir
         self.env = {
             "POSTROOM_LOG_FORMAT": "json",
@@ -342,7 +344,7 @@ class Fleet:
         self._counter += 1
         name = f"{kind}-{self._counter}" + (f"-{armed}" if armed else "")
         log = self.logdir / f"{name}.log"
-        args = ("relay",) if kind == "relay" else ("worker", APP)
+        args = ("relay",) if kind == "relay" else ("worker", self.app)
         extra = dict(self.env)
         if armed:
             extra["POSTROOM_CRASH_AT"] = armed
