@@ -115,10 +115,11 @@ async def _transact(
         if not claimed:
             await lane.commit()  # nothing written: ends the transaction (or chains one)
             return result_of(Outcome.DUPLICATE, message)
-        # SQLAlchemy's own transaction is bookkeeping only (AUTOCOMMIT: no BEGIN/COMMIT
-        # sent); begun and closed per message, so nothing of it outlives the message.
-        async with connection.begin():
+        bookkeeping = lane.bookkeeping()
+        try:
             await _run_handler(connection, decoded, consumer, pipeline)
+        finally:
+            bookkeeping.close()
         await lane.commit()
     except BaseException as exc:
         await lane.abandon(exc)

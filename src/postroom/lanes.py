@@ -33,6 +33,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sqlalchemy import Transaction
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from postroom.errors import PostroomError
@@ -97,6 +98,20 @@ class Lane:
         self._driver = raw.driver_connection
         self.connection = connection
         return connection
+
+    def bookkeeping(self) -> Transaction:
+        """Begin SQLAlchemy's transaction for one message on :attr:`connection`.
+
+        Bookkeeping only: in AUTOCOMMIT neither its begin nor its end sends anything
+        (the asyncpg adapter holds no transaction of its own), so it is called on the
+        sync connection, without a greenlet hop; the caller closes it when the message
+        is done, so nothing of it outlives the message. Without it, a handler's first
+        statement would autobegin one that stayed open into the next message.
+        """
+        sync = self.connection.sync_connection if self.connection is not None else None
+        if sync is None:
+            raise PostroomError("bookkeeping() on a lane that is not open")  # a bug
+        return sync.begin()
 
     async def begin(self) -> None:
         """Begin the message's transaction, unless the last COMMIT already chained one."""
