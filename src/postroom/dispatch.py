@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from postroom import faults, inbox, tracing
+from postroom import faults, inbox, lanes, tracing
 from postroom.deadletters import DeadReason
 from postroom.errors import DecodeError, DeliveryLimitExceededError, UnknownTopicError
 from postroom.events import Event
@@ -36,6 +36,7 @@ from postroom.failures import (
     undecodable,
     write,
 )
+from postroom.lanes import Lane
 from postroom.message import Delivery, Message
 from postroom.outage import is_outage
 from postroom.outbox import Outbox
@@ -46,8 +47,9 @@ from postroom.router import BatchContext, Consumer, Context
 class Pipeline:
     """The collaborators dispatch needs; built once per worker.
 
-    A delivery's transaction runs on a connection of ``sessions``' engine; an ORM
-    session is made from ``sessions`` only if the handler touches ``ctx.session``.
+    A delivery's transaction runs on a connection of ``sessions``' engine, a worker's
+    lane (:mod:`postroom.lanes`) or one borrowed for the call; an ORM session is made
+    from ``sessions`` only if the handler touches ``ctx.session``.
     """
 
     sessions: async_sessionmaker[AsyncSession]
@@ -75,27 +77,53 @@ class _Decoded:
     event: Event
 
 
-async def dispatch(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeline) -> Result:
+async def dispatch(
+    delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeline, *, lane: Lane | None = None
+) -> Result:
     """Run *delivery* through *consumer*'s pipeline and return the outcome.
 
     Guarantees: the handler's writes commit at most once per (consumer, message id);
     a failure is retried or dead-lettered durably before this returns. Raises only when
     no outcome could be recorded; then nothing was committed and the message must be
-    requeued.
+    requeued. The transaction runs on *lane* (a worker's handler slot), else on a
+    connection of the pipeline's engine borrowed for this call.
     """
     decoded = _decode(delivery, consumer, pipeline)
     if isinstance(decoded, Failure):
         return await _settle_alone(decoded, consumer, pipeline)
+    if lane is None:
+        async with lanes.borrowed(pipeline.engine) as borrowed:
+            return await _transact(borrowed, decoded, consumer, pipeline)
+    return await _transact(lane, decoded, consumer, pipeline)
+
+
+async def _transact(
+    lane: Lane, decoded: _Decoded, consumer: Consumer[Any], pipeline: Pipeline
+) -> Result:
+    """One transaction on *lane*: the inbox claim, the handler, commit (see postroom.lanes)."""
     message = decoded.message
     claimed = False
     try:
-        async with pipeline.engine.connect() as connection, connection.begin():
-            if not await _claim(connection, message, consumer, pipeline):
-                return result_of(Outcome.DUPLICATE, message)
-            claimed = True
+        connection = await lane.open()
+        await lane.begin()
+        claimed = await inbox.claim(
+            lane.driver,
+            schema=pipeline.schema,
+            consumer=consumer.name,
+            message_id=message.message_id,
+        )
+        if not claimed:
+            await lane.commit()  # nothing written: ends the transaction (or chains one)
+            return result_of(Outcome.DUPLICATE, message)
+        bookkeeping = lane.bookkeeping()
+        try:
             await _run_handler(connection, decoded, consumer, pipeline)
-    except Exception as exc:
-        if not claimed or is_outage(exc):
+        finally:
+            bookkeeping.close()
+        await lane.commit()
+    except BaseException as exc:
+        await lane.abandon(exc)
+        if not claimed or is_outage(exc) or not isinstance(exc, Exception):
             # Not the handler failing: postroom's own inbox step failed, or our transaction
             # lost its connection, so nothing is known (even COMMIT may have happened).
             # Raise, so the worker requeues; a retry here would burn an attempt and step
@@ -274,14 +302,6 @@ def _decode(delivery: Delivery, consumer: Consumer[Any], pipeline: Pipeline) -> 
         )
         return dead(message, consumer, DeadReason.UNDECODABLE, error)
     return _Decoded(message, event)
-
-
-async def _claim(
-    connection: AsyncConnection, message: Message, consumer: Consumer[Any], pipeline: Pipeline
-) -> bool:
-    return await inbox.claim(
-        connection, schema=pipeline.schema, consumer=consumer.name, message_id=message.message_id
-    )
 
 
 async def _run_handler(

@@ -37,6 +37,14 @@ _RESERVED_PREFIXES = ("x-", "postroom-", "cloudevents_", "cloudevents:", "ce-", 
 _NOTIFIED = "postroom.notified_transaction"
 _NOT_MIGRATED = ("42P01", "3F000")  # undefined table, invalid schema name
 
+DRIVEN_TRANSACTION = "postroom_driven_transaction"
+"""Execution option on an AUTOCOMMIT connection whose transaction postroom drives itself.
+
+A consumer's lane (:mod:`postroom.lanes`) sends ``BEGIN`` and ``COMMIT`` on the driver
+connection and hands the handler a SQLAlchemy connection in AUTOCOMMIT, so that
+SQLAlchemy sends neither; the option tells :meth:`Outbox.write` that such a connection
+is inside a transaction after all."""
+
 
 log = structlog.get_logger("postroom.outbox")
 
@@ -140,7 +148,8 @@ class Outbox:
             raise MessageTooLargeError(len(message.body), self.max_body_bytes, message.topic)
         connection = await session.connection()
         sync = connection.sync_connection
-        if sync is not None and sync.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        options = sync.get_execution_options() if sync is not None else {}
+        if options.get("isolation_level") == "AUTOCOMMIT" and not options.get(DRIVEN_TRANSACTION):
             raise NotInTransactionError(
                 "publish() refuses an AUTOCOMMIT connection: the row would commit on its own"
             )

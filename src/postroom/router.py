@@ -195,10 +195,14 @@ class Context:
     """What a handler gets besides its event: the transaction and the message's facts.
 
     Everything written through :attr:`connection`, :attr:`session` and :meth:`publish`
-    commits together with the inbox row, or not at all. :attr:`connection` is the
-    message's transaction itself (SQLAlchemy Core or ``text()``), the fast handle: no
-    ORM session is made unless the handler touches :attr:`session`, which joins that
-    same transaction at first use (pending ORM changes are flushed before the commit).
+    commits together with the inbox row, or not at all. :attr:`connection` is the fast
+    handle (SQLAlchemy Core or ``text()``) on the connection of the message's
+    transaction: no ORM session is made unless the handler touches :attr:`session`,
+    which joins that same transaction at first use (pending ORM changes are flushed
+    before the commit). postroom drives that transaction on the driver connection, so
+    :attr:`connection` reports AUTOCOMMIT and its ``commit()``/``rollback()`` do nothing:
+    raise to roll back. A database error the handler catches still aborts the
+    transaction; the message is then a failed attempt (retried), never acked.
     """
 
     __slots__ = ("_session", "_sessions", "connection", "consumer", "message", "outbox")

@@ -30,6 +30,7 @@ from postroom.dispatch import (
     record_broker_dead_letter,
 )
 from postroom.failures import Outcome, Result
+from postroom.lanes import Lanes
 from postroom.message import Delivery
 from postroom.metrics import Metrics, WorkerStats
 from postroom.outbox import Outbox
@@ -100,7 +101,7 @@ class Worker:
         self._metrics = metrics if metrics is not None else Metrics()
         self._latency = self._metrics.latency({c.name: c.topics for c in router})
         self._name = name
-        self._semaphore = asyncio.Semaphore(settings.worker_concurrency)
+        self._lanes: Lanes  # the handler slots, each with its connection; made by run()
         self._inflight: set[asyncio.Task[None]] = set()
         self._key_locks = KeyLocks()
         self._broken = asyncio.Event()
@@ -148,12 +149,15 @@ class Worker:
             settings.database,
             url=self._urls[outage.DATABASE],
             application_name=self._name,
+            # A lane per handler slot keeps one connection; a batch, a failure's own
+            # transaction and the pause poll check out more beside them.
             pool_size=settings.worker_concurrency + 2,
-            max_overflow=4,
+            max_overflow=settings.worker_concurrency + 4,
             # No ping per checkout (a round trip per message): a dead connection fails
             # the dispatch, the message is requeued and the worker reconnects.
             pool_pre_ping=False,
         )
+        self._lanes = Lanes(engine, settings.worker_concurrency)
         pipeline = Pipeline(
             sessions=async_sessionmaker(engine, expire_on_commit=False),
             outbox=Outbox.from_settings(settings),
@@ -366,7 +370,7 @@ class Worker:
         settings = self._settings
         if settings.worker_batch_wait and not self._stopping:
             await asyncio.sleep(settings.worker_batch_wait)  # linger: let the batch fill up
-        async with self._semaphore:
+        async with self._lanes.slot(transaction=False):  # dispatch_batch has its own
             self._takers.discard(consumer.name)
             waiting = self._batches.get(consumer.name, [])
             batch = waiting[: settings.worker_batch_size]
@@ -439,7 +443,7 @@ class Worker:
         *,
         dead: bool,
     ) -> None:
-        async with self._semaphore:
+        async with self._lanes.slot(transaction=not dead) as lane:
             if self._held(consumer, incoming):  # left unacked: the paused channel returns it
                 await self._requeue(incoming, consumer, "not started: consumer paused")
                 return
@@ -457,7 +461,7 @@ class Worker:
                     if dead:
                         result = await record_broker_dead_letter(delivery, consumer, pipeline)
                     else:
-                        result = await dispatch(delivery, consumer, pipeline)
+                        result = await dispatch(delivery, consumer, pipeline, lane=lane)
             except asyncio.CancelledError:
                 await asyncio.shield(self._requeue(incoming, consumer, "cancelled at shutdown"))
                 raise
@@ -625,6 +629,7 @@ class Worker:
         self._takers.clear()
         self._unsettled = 0
         self._dead_bugs.clear()
+        await self._lanes.close()  # nothing runs on them now: roll back, return to the pool
         for subscriber in self._subscribers:  # send the last acks, return the rest
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(subscriber.close(), timeout=5)
