@@ -20,7 +20,7 @@ from postroom.metrics import Metrics
 from postroom.relay import Relay
 from postroom.subscriber import Subscriber
 from postroom.worker import DEAD_QUEUE_BUG_LIMIT, Worker
-from tests.helpers import bind_queue, collect, eventually
+from tests.helpers import bind_queue, collect, eventually, running_worker
 
 
 class Parcel(postroom.Event, topic="edges.parcel"):
@@ -157,3 +157,54 @@ async def test_coalesced_acks_never_cover_a_delivery_still_in_hand(settings, amq
         await connection.close()
     left = await collect(settings.amqp_url.get_secret_value(), queue, count=1, settle=0.5)
     assert [m.body for m in left] == [b"2"]
+
+
+async def test_a_consumer_the_broker_cancels_is_consumed_again(settings, names, amqp):
+    """The broker may cancel a consumer (basic.cancel: its queue deleted, a queue member
+    gone). aiormq only logs it; the worker then kept its channel open, consuming nothing
+    from that queue while /readyz said ready. Now a cancel is a lost channel: the worker
+    reconnects, declares its queues again and consumes them."""
+    router = postroom.Router()
+    name = f"edges.{names}"
+    handled: list[int] = []
+
+    @router.consumer(name, Parcel)
+    async def handle(event: Parcel, ctx: postroom.Context) -> None:
+        handled.append(event.n)
+
+    channel = await amqp.channel()
+    try:
+        async with running_worker(settings, router) as worker:
+            queue = await channel.declare_queue(name, passive=True)
+            assert queue.declaration_result.consumer_count == 1  # precondition: consuming
+            reconnects = worker.stats.reconnects
+            await channel.queue_delete(name)  # the broker cancels the worker's consumer
+
+            async def consumed_again() -> bool:
+                probe = await amqp.channel()
+                try:
+                    declared = await probe.declare_queue(name, passive=True)
+                except aio_pika.exceptions.ChannelClosed:
+                    return False  # not declared again yet
+                finally:
+                    if not probe.is_closed:
+                        await probe.close()
+                return declared.declaration_result.consumer_count == 1 and worker.ready
+
+            await eventually(consumed_again, timeout=30)
+            assert worker.stats.reconnects > reconnects
+            exchange = await channel.get_exchange(settings.exchange, ensure=False)
+            await exchange.publish(
+                aio_pika.Message(
+                    b'{"n": 7}',
+                    message_id=str(uuid7()),
+                    type=Parcel.topic,
+                    content_type="application/json",
+                ),
+                routing_key=Parcel.topic,
+            )
+            await eventually(lambda: handled == [7], timeout=20)
+    finally:
+        for queue_name in (name, f"{name}.dead"):
+            await channel.queue_delete(queue_name)
+        await channel.close()

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
@@ -54,10 +55,18 @@ class Subscriber:
         prefetch: int,
         on_close: Callable[[BaseException | None], None],
     ) -> Subscriber:
+        """Open a channel with *prefetch*; *on_close* is called when it closes.
+
+        A consumer the broker cancels (``basic.cancel``: its queue deleted, or gone from
+        under it) counts as a closed channel too: aiormq would only log it, and the
+        channel would stay open with nothing consumed from that queue.
+        """
         channel = await connection.channel(publisher_confirms=False)
         channel.close_callbacks.add(lambda _sender, exc=None, *_: on_close(exc))
         await channel.set_qos(prefetch_count=prefetch)
-        return cls(channel, await channel.get_underlay_channel())
+        raw = await channel.get_underlay_channel()
+        raw.on_consumer_cancel_callbacks.add(lambda frame: on_close(_cancelled(frame)))
+        return cls(channel, raw)
 
     @property
     def is_open(self) -> bool:
@@ -134,6 +143,12 @@ class Subscriber:
         self._open.clear()
         if not self._channel.is_closed:
             await self._channel.close()
+
+
+def _cancelled(frame: Any) -> BaseException:
+    return aiormq.exceptions.AMQPChannelError(
+        f"consumer {frame.consumer_tag} cancelled by the broker"
+    )
 
 
 def _delivery(message: Any) -> Delivery:
