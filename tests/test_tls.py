@@ -22,13 +22,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
+import aio_pika
 import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from postroom import Outbox, outage, rabbit
+from postroom import Outbox, outage, queues, rabbit
 from postroom.broker import Broker
 from postroom.database import Database
+from postroom.metrics import Metrics
+from postroom.settings import Settings
 from tests.apps.billing import EFFECTS_DDL, Charge
 from tests.faults.proxy import FaultProxy
 from tests.faults.servers import PrivatePostgres, PrivateRabbit, ThrowawayCA
@@ -441,3 +444,38 @@ async def test_tls_connections_cut_mid_record_are_outages(stage: Stage, rst: boo
             if not outage.is_outage(exc)
         }
         assert not not_outages, not_outages
+
+
+async def test_the_queue_gauge_connects_with_the_brokers_ca(stage: Stage):
+    """The worker's queue watcher (``postroom_queue_messages_ready``) opened its own
+    connection from the bare URL, so it verified the broker against the system store
+    and, with ``POSTROOM_AMQP_TLS_CA`` naming a private CA, never connected (found in
+    the TLS fault run's logs: CERTIFICATE_VERIFY_FAILED every interval)."""
+    settings = Settings(
+        database_url=stage.database_url(),  # type: ignore[arg-type]
+        amqp_url=stage.amqp_url(),  # type: ignore[arg-type]
+        amqp_tls_ca=str(stage.ca.cert),
+        metrics_interval=0.2,
+        log_format="console",
+    )
+    queue = f"tls.gauge.{uuid.uuid4().hex[:8]}"
+    connection = await rabbit.connect(settings.broker, name="postroom-test")
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, auto_delete=True)
+        await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key=queue)
+        metrics = Metrics()
+        stop = asyncio.Event()
+        watching = asyncio.create_task(queues.watch(settings, [queue], metrics, stop))
+        try:
+            sample = "postroom_queue_messages_ready"
+            assert await eventually(
+                lambda: metrics.registry.get_sample_value(sample, {"consumer": queue}) == 1,
+                timeout=20,
+            )
+        finally:
+            stop.set()
+            await asyncio.wait_for(watching, 20)
+        await declared.delete(if_unused=False, if_empty=False)
+    finally:
+        await connection.close()
