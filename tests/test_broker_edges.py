@@ -17,6 +17,7 @@ from postroom import rabbit
 from postroom import worker as worker_module
 from postroom.message import Message, uuid7
 from postroom.metrics import Metrics
+from postroom.outage import is_outage
 from postroom.relay import Relay
 from postroom.subscriber import Subscriber
 from postroom.worker import DEAD_QUEUE_BUG_LIMIT, Worker
@@ -143,7 +144,9 @@ async def test_coalesced_acks_never_cover_a_delivery_still_in_hand(settings, amq
         await exchange.publish(aio_pika.Message(str(n).encode()), routing_key=Parcel.topic)
     connection = await rabbit.connect(settings.amqp_url.get_secret_value(), name="postroom-test")
     try:
-        subscriber = await Subscriber.open(connection, prefetch=10, on_close=lambda _: None)
+        subscriber = await Subscriber.open(
+            await rabbit.open_channel(connection), prefetch=10, on_close=lambda _: None
+        )
         got: dict[bytes, int] = {}
         await subscriber.consume(queue, lambda delivery, tag: got.update({delivery.body: tag}))
         await eventually(lambda: len(got) == 6, timeout=10)
@@ -208,3 +211,23 @@ async def test_a_consumer_the_broker_cancels_is_consumed_again(settings, names, 
         for queue_name in (name, f"{name}.dead"):
             await channel.queue_delete(queue_name)
         await channel.close()
+
+
+async def test_a_channel_asked_of_a_connection_closed_under_us_is_an_outage(amqp_url):
+    """aiormq answers a channel request on a connection it already closed (a broker node
+    stopped between two steps of a session) with a bare RuntimeError, which
+    ``is_outage`` took for a bug: the queue watcher logged it at ERROR with a traceback
+    in the cluster runs, and a worker declaring its queues at that moment would have
+    exited. Every channel postroom opens goes through ``rabbit.open_channel``, which
+    reports it as :class:`rabbit.ConnectionGone`, an outage."""
+    connection = await rabbit.connect(amqp_url, name="postroom-test")
+    try:
+        await connection.transport.connection.close()  # closed under aio-pika
+        with pytest.raises(Exception) as opening:
+            await rabbit.open_channel(connection)
+        assert isinstance(opening.value, rabbit.ConnectionGone), repr(opening.value)
+        assert is_outage(opening.value)
+        with pytest.raises(rabbit.ConnectionGone):
+            await rabbit.ready_messages(connection, ["any"])
+    finally:
+        await connection.close()

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractChannel
 
 from postroom.message import Delivery
 
@@ -50,18 +50,18 @@ class Subscriber:
     @classmethod
     async def open(
         cls,
-        connection: AbstractConnection,
+        channel: AbstractChannel,
         *,
         prefetch: int,
         on_close: Callable[[BaseException | None], None],
     ) -> Subscriber:
-        """Open a channel with *prefetch*; *on_close* is called when it closes.
+        """Consume on *channel* (from ``rabbit.open_channel``) with *prefetch*;
+        *on_close* is called when it closes.
 
         A consumer the broker cancels (``basic.cancel``: its queue deleted, or gone from
         under it) counts as a closed channel too: aiormq would only log it, and the
         channel would stay open with nothing consumed from that queue.
         """
-        channel = await connection.channel(publisher_confirms=False)
         channel.close_callbacks.add(lambda _sender, exc=None, *_: on_close(exc))
         await channel.set_qos(prefetch_count=prefetch)
         raw = await channel.get_underlay_channel()

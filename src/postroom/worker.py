@@ -240,7 +240,9 @@ class Worker:
                 self._channel_closed(reason)
 
         subscriber = await Subscriber.open(
-            self._connection, prefetch=self._settings.worker_prefetch, on_close=closed
+            await rabbit.open_channel(self._connection),
+            prefetch=self._settings.worker_prefetch,
+            on_close=closed,
         )
         self._subscribers.append(subscriber)
         self._by_name[name] = subscriber
