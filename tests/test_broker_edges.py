@@ -231,3 +231,25 @@ async def test_a_channel_asked_of_a_connection_closed_under_us_is_an_outage(amqp
             await rabbit.ready_messages(connection, ["any"])
     finally:
         await connection.close()
+
+
+async def test_a_request_cut_off_by_a_reasonless_close_is_an_outage(amqp_url):
+    """When aiormq's reader meets the end of the stream between two frames (which a TLS
+    connection cut inside a record turns into: the partial record is dropped), it closes
+    the connection without a reason and fails every pending request with a bare
+    ``Exception``. A worker subscribing at that moment exited on it (found by the
+    every-kind run on TLS); it is an outage."""
+    connection = await rabbit.connect(amqp_url, name="postroom-test")
+    try:
+        channel = await rabbit.open_channel(connection)
+        raw = await channel.get_underlay_channel()
+        pending = asyncio.ensure_future(raw.queue_declare("postroom-test-never", passive=True))
+        await asyncio.sleep(0)  # the request is in flight
+        await connection.transport.connection.close(None)  # what a clean EOF leads to
+        with pytest.raises(Exception) as cut_off:
+            await pending
+        assert type(cut_off.value) is Exception  # precondition: the reasonless failure
+        assert is_outage(cut_off.value)
+        assert not is_outage(Exception())  # a handler's bare Exception is not
+    finally:
+        await connection.close()
