@@ -17,10 +17,11 @@ from postroom import rabbit
 from postroom import worker as worker_module
 from postroom.message import Message, uuid7
 from postroom.metrics import Metrics
+from postroom.outage import is_outage
 from postroom.relay import Relay
 from postroom.subscriber import Subscriber
 from postroom.worker import DEAD_QUEUE_BUG_LIMIT, Worker
-from tests.helpers import bind_queue, collect, eventually
+from tests.helpers import bind_queue, collect, eventually, running_worker
 
 
 class Parcel(postroom.Event, topic="edges.parcel"):
@@ -143,7 +144,9 @@ async def test_coalesced_acks_never_cover_a_delivery_still_in_hand(settings, amq
         await exchange.publish(aio_pika.Message(str(n).encode()), routing_key=Parcel.topic)
     connection = await rabbit.connect(settings.amqp_url.get_secret_value(), name="postroom-test")
     try:
-        subscriber = await Subscriber.open(connection, prefetch=10, on_close=lambda _: None)
+        subscriber = await Subscriber.open(
+            await rabbit.open_channel(connection), prefetch=10, on_close=lambda _: None
+        )
         got: dict[bytes, int] = {}
         await subscriber.consume(queue, lambda delivery, tag: got.update({delivery.body: tag}))
         await eventually(lambda: len(got) == 6, timeout=10)
@@ -157,3 +160,96 @@ async def test_coalesced_acks_never_cover_a_delivery_still_in_hand(settings, amq
         await connection.close()
     left = await collect(settings.amqp_url.get_secret_value(), queue, count=1, settle=0.5)
     assert [m.body for m in left] == [b"2"]
+
+
+async def test_a_consumer_the_broker_cancels_is_consumed_again(settings, names, amqp):
+    """The broker may cancel a consumer (basic.cancel: its queue deleted, a queue member
+    gone). aiormq only logs it; the worker then kept its channel open, consuming nothing
+    from that queue while /readyz said ready. Now a cancel is a lost channel: the worker
+    reconnects, declares its queues again and consumes them."""
+    router = postroom.Router()
+    name = f"edges.{names}"
+    handled: list[int] = []
+
+    @router.consumer(name, Parcel)
+    async def handle(event: Parcel, ctx: postroom.Context) -> None:
+        handled.append(event.n)
+
+    channel = await amqp.channel()
+    try:
+        async with running_worker(settings, router) as worker:
+            queue = await channel.declare_queue(name, passive=True)
+            assert queue.declaration_result.consumer_count == 1  # precondition: consuming
+            reconnects = worker.stats.reconnects
+            await channel.queue_delete(name)  # the broker cancels the worker's consumer
+
+            async def consumed_again() -> bool:
+                probe = await amqp.channel()
+                try:
+                    declared = await probe.declare_queue(name, passive=True)
+                except aio_pika.exceptions.ChannelClosed:
+                    return False  # not declared again yet
+                finally:
+                    if not probe.is_closed:
+                        await probe.close()
+                return declared.declaration_result.consumer_count == 1 and worker.ready
+
+            await eventually(consumed_again, timeout=30)
+            assert worker.stats.reconnects > reconnects
+            exchange = await channel.get_exchange(settings.exchange, ensure=False)
+            await exchange.publish(
+                aio_pika.Message(
+                    b'{"n": 7}',
+                    message_id=str(uuid7()),
+                    type=Parcel.topic,
+                    content_type="application/json",
+                ),
+                routing_key=Parcel.topic,
+            )
+            await eventually(lambda: handled == [7], timeout=20)
+    finally:
+        for queue_name in (name, f"{name}.dead"):
+            await channel.queue_delete(queue_name)
+        await channel.close()
+
+
+async def test_a_channel_asked_of_a_connection_closed_under_us_is_an_outage(amqp_url):
+    """aiormq answers a channel request on a connection it already closed (a broker node
+    stopped between two steps of a session) with a bare RuntimeError, which
+    ``is_outage`` took for a bug: the queue watcher logged it at ERROR with a traceback
+    in the cluster runs, and a worker declaring its queues at that moment would have
+    exited. Every channel postroom opens goes through ``rabbit.open_channel``, which
+    reports it as :class:`rabbit.ConnectionGone`, an outage."""
+    connection = await rabbit.connect(amqp_url, name="postroom-test")
+    try:
+        await connection.transport.connection.close()  # closed under aio-pika
+        with pytest.raises(Exception) as opening:
+            await rabbit.open_channel(connection)
+        assert isinstance(opening.value, rabbit.ConnectionGone), repr(opening.value)
+        assert is_outage(opening.value)
+        with pytest.raises(rabbit.ConnectionGone):
+            await rabbit.ready_messages(connection, ["any"])
+    finally:
+        await connection.close()
+
+
+async def test_a_request_cut_off_by_a_reasonless_close_is_an_outage(amqp_url):
+    """When aiormq's reader meets the end of the stream between two frames (which a TLS
+    connection cut inside a record turns into: the partial record is dropped), it closes
+    the connection without a reason and fails every pending request with a bare
+    ``Exception``. A worker subscribing at that moment exited on it (found by the
+    every-kind run on TLS); it is an outage."""
+    connection = await rabbit.connect(amqp_url, name="postroom-test")
+    try:
+        channel = await rabbit.open_channel(connection)
+        raw = await channel.get_underlay_channel()
+        pending = asyncio.ensure_future(raw.queue_declare("postroom-test-never", passive=True))
+        await asyncio.sleep(0)  # the request is in flight
+        await connection.transport.connection.close(None)  # what a clean EOF leads to
+        with pytest.raises(Exception) as cut_off:
+            await pending
+        assert type(cut_off.value) is Exception  # precondition: the reasonless failure
+        assert is_outage(cut_off.value)
+        assert not is_outage(Exception())  # a handler's bare Exception is not
+    finally:
+        await connection.close()

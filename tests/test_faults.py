@@ -97,21 +97,58 @@ async def private(settings: Settings, names: str) -> AsyncIterator[Stage]:
 
 
 @pytest.fixture
-async def private_proxied(private: Stage) -> AsyncIterator[Stage]:
-    """The private servers, each behind a FaultProxy: every fault kind applies at once."""
+async def private_tls(settings: Settings, names: str) -> AsyncIterator[Stage]:
+    """:func:`private`, speaking TLS only: a throwaway CA, ``ssl=on``/``hostssl``
+    PostgreSQL and an AMQPS-only RabbitMQ. The processes verify both peers
+    (``sslmode=verify-full``, ``amqps://`` with ``POSTROOM_AMQP_TLS_CA``); the writers
+    and the checks connect encrypted without verifying (asyncpg's ``prefer``)."""
+    ca = await servers.ThrowawayCA().create()
+    cert, key = await ca.issue("server", dns=("localhost",), ips=("127.0.0.1",))
+    rabbit = servers.PrivateRabbit(tls=(ca.cert, cert, key))
+    postgres = servers.PrivatePostgres(tls=(cert, key))
+    try:
+        await asyncio.gather(rabbit.start(), postgres.init())
+        amqp_url = await rabbit.add_vhost(f"postroom-test-{names}")
+        dsn, database_url = await private_database(postgres, "postroom_faults", settings)
+        yield Stage(
+            procs=settings.model_copy(
+                update={
+                    "database_url": SecretStr(
+                        f"{database_url}?sslmode=verify-full&sslrootcert={ca.cert}"
+                    ),
+                    "amqp_url": SecretStr(amqp_url),
+                    "amqp_tls_ca": str(ca.cert),
+                }
+            ),
+            writer_url=f"{database_url}?ssl=require",
+            dsn=dsn,
+            amqp_url=amqp_url,
+            extra={"rabbit": rabbit, "postgres": postgres},
+        )
+    finally:
+        await asyncio.gather(rabbit.destroy(), postgres.destroy())
+        ca.destroy()
+
+
+@pytest.fixture
+async def private_proxied(private_tls: Stage) -> AsyncIterator[Stage]:
+    """The private TLS servers, each behind a FaultProxy: every fault kind applies at once,
+    and every proxy fault cuts TLS connections (the processes' and the writers')."""
+    private = private_tls
     async with (
         FaultProxy("127.0.0.1", private.extra["postgres"].port) as pg_proxy,
         FaultProxy("127.0.0.1", private.extra["rabbit"].port) as amqp_proxy,
     ):
-        database_url = via(private.procs.database_url.get_secret_value(), pg_proxy)
         yield Stage(
             procs=private.procs.model_copy(
                 update={
-                    "database_url": SecretStr(database_url),
+                    "database_url": SecretStr(
+                        via(private.procs.database_url.get_secret_value(), pg_proxy)
+                    ),
                     "amqp_url": SecretStr(via(private.amqp_url, amqp_proxy)),
                 }
             ),
-            writer_url=database_url,
+            writer_url=via(private.writer_url, pg_proxy),
             dsn=private.dsn,
             amqp_url=private.amqp_url,
             extra={**private.extra, "pg_proxy": pg_proxy, "amqp_proxy": amqp_proxy},
@@ -263,9 +300,12 @@ EVERY_KIND = [
     chaos.broker_alarm,
     chaos.broker_restart,
     chaos.postgres_crash,
+    chaos.proxy_cut_mid_record("pg"),
+    chaos.proxy_cut_mid_record("amqp"),
     *HAZARDS,
 ]
-"""Every fault kind of the matrix (docs/guarantees.md's coverage table)."""
+"""Every fault kind of the matrix (docs/guarantees.md's coverage table). The stage it runs
+on speaks TLS (:func:`private_proxied`), so every proxy kind cuts TLS connections."""
 
 
 def assert_every_kind(figures: Figures, rounds: int) -> None:

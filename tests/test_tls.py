@@ -10,22 +10,30 @@ given, appears in anything postroom prints.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
+import aio_pika
 import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from postroom import Outbox
+from postroom import Outbox, outage, queues, rabbit
+from postroom.broker import Broker
 from postroom.database import Database
+from postroom.metrics import Metrics
+from postroom.settings import Settings
 from tests.apps.billing import EFFECTS_DDL, Charge
+from tests.faults.proxy import FaultProxy
 from tests.faults.servers import PrivatePostgres, PrivateRabbit, ThrowawayCA
 from tests.helpers import eventually, free_port, http_get
 
@@ -352,3 +360,122 @@ async def test_no_password_in_any_form_reaches_anything_printed(stage: Stage):
     assert "login refused for user 'postroom'" in everything
     for secret in (DB_PASSWORD, AMQP_PASSWORD, quote(DB_PASSWORD), "not-" + AMQP_PASSWORD):
         assert secret not in everything
+
+
+@pytest.mark.parametrize("rst", [False, True], ids=["fin", "rst"])
+async def test_tls_connections_cut_mid_record_are_outages(stage: Stage, rst: bool):
+    """A proxy forwards part of a TLS record, then closes (FIN) or resets (RST).
+
+    In use (a query answer, a batch of publishes) and while opening (inside the TLS
+    handshake), every error the clients raise must be an outage, so the relay and
+    the workers requeue and reconnect instead of reporting a bug. Python's TLS
+    transport reports a truncated record as the end of the stream or a reset (no
+    ``ssl.SSLError`` reaches the caller), which the drivers wrap in their connection
+    errors; this pins that down for the verify-full and AMQPS paths postroom uses.
+    """
+    async with (
+        FaultProxy("127.0.0.1", stage.postgres.port) as pg_proxy,
+        FaultProxy("127.0.0.1", stage.rabbit.port) as amqp_proxy,
+    ):
+        database = Database.parse(
+            f"postgresql://postgres:{DB_PASSWORD}@localhost:{pg_proxy.port}/app"
+            f"?sslmode=verify-full&sslrootcert={stage.ca.cert}"
+        )
+        broker = Broker.parse(
+            f"amqps://{AMQP_USER}:{AMQP_PASSWORD}@localhost:{amqp_proxy.port}/{VHOST}",
+            ca=str(stage.ca.cert),
+        )
+        errors: dict[str, BaseException] = {}
+
+        conn = await database.connect()
+        try:
+            pg_proxy.cut_after(3_000, rst=rst)  # inside the 200 kB answer's records
+            with pytest.raises(Exception) as in_use:
+                await conn.fetchval("SELECT repeat('x', 200000)")
+            errors["database in use"] = in_use.value
+        finally:
+            conn.terminate()
+
+        connection = await rabbit.connect(broker, name="postroom-test")
+        try:
+            publisher = await rabbit.ConfirmingPublisher.open(connection)
+            amqp_proxy.cut_after(3_000, rst=rst)  # inside the batch's records
+            batch = [
+                rabbit.Outgoing(
+                    exchange="amq.topic",
+                    routing_key="tls.cut",
+                    body=b"x" * 20_000,
+                    message_id=str(uuid.uuid4()),
+                    topic="tls.cut",
+                    timestamp=datetime.now(UTC),
+                    content_type="application/octet-stream",
+                    correlation_id=None,
+                    headers={},
+                )
+                for _ in range(10)
+            ]
+            with pytest.raises(Exception) as publishing:
+                await publisher.publish_many(batch, timeout=20)
+            errors["broker in use"] = publishing.value
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+        # New connections: cut inside the TLS handshake (it is larger than 1,000 bytes).
+        pg_proxy.cut_after(1_000, rst=rst)
+        amqp_proxy.cut_after(1_000, rst=rst)
+        with pytest.raises(outage.Unreachable) as opening_database:
+            async with outage.reaching(outage.DATABASE, "database"):
+                await database.connect()
+        errors["database opening"] = opening_database.value
+        with pytest.raises(outage.Unreachable) as opening_broker:
+            async with outage.reaching(outage.BROKER, "broker"):
+                await rabbit.connect(broker, name="postroom-test", timeout=10)
+        errors["broker opening"] = opening_broker.value
+
+        # Preconditions: each failure was one of the proxy's cuts, not something else.
+        assert pg_proxy.stats.cut == 2 and amqp_proxy.stats.cut == 2, (
+            pg_proxy.stats,
+            amqp_proxy.stats,
+        )
+        not_outages = {
+            where: outage.describe(exc)
+            for where, exc in errors.items()
+            if not outage.is_outage(exc)
+        }
+        assert not not_outages, not_outages
+
+
+async def test_the_queue_gauge_connects_with_the_brokers_ca(stage: Stage):
+    """The worker's queue watcher (``postroom_queue_messages_ready``) opened its own
+    connection from the bare URL, so it verified the broker against the system store
+    and, with ``POSTROOM_AMQP_TLS_CA`` naming a private CA, never connected (found in
+    the TLS fault run's logs: CERTIFICATE_VERIFY_FAILED every interval)."""
+    settings = Settings(
+        database_url=stage.database_url(),  # type: ignore[arg-type]
+        amqp_url=stage.amqp_url(),  # type: ignore[arg-type]
+        amqp_tls_ca=str(stage.ca.cert),
+        metrics_interval=0.2,
+        log_format="console",
+    )
+    queue = f"tls.gauge.{uuid.uuid4().hex[:8]}"
+    connection = await rabbit.connect(settings.broker, name="postroom-test")
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, auto_delete=True)
+        await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key=queue)
+        metrics = Metrics()
+        stop = asyncio.Event()
+        watching = asyncio.create_task(queues.watch(settings, [queue], metrics, stop))
+        try:
+            sample = "postroom_queue_messages_ready"
+            assert await eventually(
+                lambda: metrics.registry.get_sample_value(sample, {"consumer": queue}) == 1,
+                timeout=20,
+            )
+        finally:
+            stop.set()
+            await asyncio.wait_for(watching, 20)
+        await declared.delete(if_unused=False, if_empty=False)
+    finally:
+        await connection.close()

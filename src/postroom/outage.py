@@ -91,7 +91,8 @@ def is_outage(exc: BaseException) -> bool:
 
     True for :class:`Unreachable`, for a database connection lost in use (the
     driver's connection errors, SQLAlchemy's ``connection_invalidated``) and for the
-    AMQP client's connection and channel errors, looked for in the exception's chain.
+    AMQP client's connection and channel errors (its reasonless close included),
+    looked for in the exception's chain.
     False for everything else, a bare ``OSError`` or ``TimeoutError`` included.
     """
     for current in _chain(exc):
@@ -303,4 +304,23 @@ def _is_broker_error(exc: BaseException) -> bool:
     if aiormq is None:
         return False
     errors = aiormq.exceptions
-    return isinstance(exc, errors.AMQPError | errors.ChannelInvalidStateError)
+    return isinstance(exc, errors.AMQPError | errors.ChannelInvalidStateError) or (
+        _reasonless_close(exc)
+    )
+
+
+def _reasonless_close(exc: BaseException) -> bool:
+    """aiormq closed its connection without a reason and failed a pending request.
+
+    Its reader ends without an error when the stream ends between two frames (a TLS
+    connection cut inside a record: the partial record is dropped, the rest is a clean
+    end of stream); every request in flight then fails with a bare ``Exception`` raised
+    by aiormq itself. Recognised by exactly that: the type, no arguments, and the
+    innermost frame in aiormq, so a handler's own ``Exception`` never matches.
+    """
+    if type(exc) is not Exception or exc.args:
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("aiormq.")

@@ -43,9 +43,9 @@ async def watch(
         while not stop.is_set():
             try:
                 if connection is None or connection.is_closed:
-                    connection = await rabbit.connect(
-                        settings.amqp_url.get_secret_value(), name="postroom-queues"
-                    )
+                    # settings.broker, not the bare URL: its TLS context verifies the
+                    # broker with POSTROOM_AMQP_TLS_CA, as the worker's own connection does.
+                    connection = await rabbit.connect(settings.broker, name="postroom-queues")
                 depths = await asyncio.wait_for(
                     rabbit.ready_messages(connection, queues), LOOK_TIMEOUT
                 )

@@ -38,6 +38,35 @@ between two relay batches). aiormq derives it from RuntimeError, not from AMQPEr
 is an outage to retry like any other lost connection."""
 
 
+class ConnectionGone(aiormq.exceptions.AMQPConnectionError):
+    """A channel was asked of a connection that had closed under us (an outage).
+
+    aiormq answers that with a bare ``RuntimeError``, which says nothing about who
+    raised it; :func:`open_channel` turns it into this when the connection is closed."""
+
+
+async def open_channel(
+    connection: AbstractConnection, *, publisher_confirms: bool = False, **options: Any
+) -> AbstractChannel:
+    """Open a channel on *connection*: the one way postroom opens channels.
+
+    Raises :class:`ConnectionGone` (an outage) if the connection closed before the
+    channel opened, e.g. a broker node stopped between two steps of a session.
+    """
+    try:
+        return await connection.channel(publisher_confirms=publisher_confirms, **options)
+    except RuntimeError as exc:
+        if isinstance(exc, ChannelGone) or not _closed(connection):
+            raise
+        raise ConnectionGone(f"the connection closed before a channel opened: {exc}") from exc
+
+
+def _closed(connection: AbstractConnection) -> bool:
+    # aio-pika learns of a close from aiormq a loop turn or more later: ask both.
+    underlying = getattr(getattr(connection, "transport", None), "connection", None)
+    return connection.is_closed or bool(underlying is not None and underlying.is_closed)
+
+
 async def connect(broker: Broker | str, *, name: str, timeout: float = 10.0) -> AbstractConnection:
     """Open a plain (non-robust) connection; callers own reconnection explicitly.
 
@@ -123,7 +152,7 @@ async def declare_queues(
             queue.name,
             _queue(queue.name, queue.arguments(dead_letter_exchange)),
         )
-        channel = await connection.channel(publisher_confirms=False)
+        channel = await open_channel(connection)
         try:
             dead = await channel.get_queue(queue.dead_queue, ensure=False)
             await dead.bind(dead_letter_exchange, routing_key=queue.name)
@@ -136,7 +165,7 @@ async def declare_queues(
 
 async def queue_depths(connection: AbstractConnection, names: Sequence[str]) -> int:
     """Return how many ready messages the queues *names* hold together (passive declare)."""
-    channel = await connection.channel(publisher_confirms=False)
+    channel = await open_channel(connection)
     try:
         total = 0
         for name in names:
@@ -164,7 +193,7 @@ def _queue(name: str, arguments: Mapping[str, Any]) -> Any:
 
 async def _declare(connection: AbstractConnection, kind: str, name: str, declare: Any) -> None:
     # A failed declare closes its channel (406), so each one gets a channel of its own.
-    channel = await connection.channel(publisher_confirms=False)
+    channel = await open_channel(connection)
     try:
         await declare(channel)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
@@ -242,7 +271,7 @@ class ConfirmingPublisher:
 
     @classmethod
     async def open(cls, connection: AbstractConnection) -> ConfirmingPublisher:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel = await open_channel(connection, publisher_confirms=True, on_return_raises=True)
         return cls(channel, await channel.get_underlay_channel())
 
     @property
@@ -423,7 +452,7 @@ class QueueState:
 @contextlib.asynccontextmanager
 async def _raw_channel(connection: AbstractConnection) -> AsyncIterator[Any]:
     """Yield aiormq's channel under a channel of its own: a failed declare closes it."""
-    channel = await connection.channel(publisher_confirms=False)
+    channel = await open_channel(connection)
     try:
         yield await channel.get_underlay_channel()
     finally:
@@ -479,6 +508,7 @@ async def delete_exchange(connection: AbstractConnection, name: str, *, if_unuse
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise TopologyRefusedError("exchange", name, str(exc)) from None
 
+
 async def ready_messages(connection: AbstractConnection, queues: Sequence[str]) -> dict[str, int]:
     """Return how many messages wait (ready, unacked not counted) in each of *queues*.
 
@@ -486,11 +516,11 @@ async def ready_messages(connection: AbstractConnection, queues: Sequence[str]) 
     (404), is left out of the answer and the next queue gets a fresh channel.
     """
     depths: dict[str, int] = {}
-    channel = await connection.channel(publisher_confirms=False)
+    channel = await open_channel(connection)
     try:
         for name in queues:
             if channel.is_closed:
-                channel = await connection.channel(publisher_confirms=False)
+                channel = await open_channel(connection)
             try:
                 declared = await channel.declare_queue(name, passive=True)
             except aiormq.exceptions.ChannelNotFoundEntity:

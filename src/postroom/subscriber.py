@@ -12,8 +12,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractChannel
 
 from postroom.message import Delivery
 
@@ -49,15 +50,23 @@ class Subscriber:
     @classmethod
     async def open(
         cls,
-        connection: AbstractConnection,
+        channel: AbstractChannel,
         *,
         prefetch: int,
         on_close: Callable[[BaseException | None], None],
     ) -> Subscriber:
-        channel = await connection.channel(publisher_confirms=False)
+        """Consume on *channel* (from ``rabbit.open_channel``) with *prefetch*;
+        *on_close* is called when it closes.
+
+        A consumer the broker cancels (``basic.cancel``: its queue deleted, or gone from
+        under it) counts as a closed channel too: aiormq would only log it, and the
+        channel would stay open with nothing consumed from that queue.
+        """
         channel.close_callbacks.add(lambda _sender, exc=None, *_: on_close(exc))
         await channel.set_qos(prefetch_count=prefetch)
-        return cls(channel, await channel.get_underlay_channel())
+        raw = await channel.get_underlay_channel()
+        raw.on_consumer_cancel_callbacks.add(lambda frame: on_close(_cancelled(frame)))
+        return cls(channel, raw)
 
     @property
     def is_open(self) -> bool:
@@ -134,6 +143,12 @@ class Subscriber:
         self._open.clear()
         if not self._channel.is_closed:
             await self._channel.close()
+
+
+def _cancelled(frame: Any) -> BaseException:
+    return aiormq.exceptions.AMQPChannelError(
+        f"consumer {frame.consumer_tag} cancelled by the broker"
+    )
 
 
 def _delivery(message: Any) -> Delivery:

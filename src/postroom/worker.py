@@ -236,15 +236,20 @@ class Worker:
     async def _subscribe(self, consumer: Consumer[Any], pipeline: Pipeline) -> None:
         """Open *consumer*'s channel and consume its queue and its broker dead-letter queue."""
         name = consumer.name
+        subscriber: Subscriber | None = None
 
         def closed(reason: BaseException | None) -> None:
             # Only the live channel of a running consumer closing is an outage; one a
             # pause closed (maybe finishing late, after a resume opened the next) is not.
-            if self._by_name.get(name) is subscriber:
+            # A channel closing while it opens (subscriber still None) fails the open
+            # itself, which reports the outage.
+            if subscriber is not None and self._by_name.get(name) is subscriber:
                 self._channel_closed(reason)
 
         subscriber = await Subscriber.open(
-            self._connection, prefetch=self._settings.worker_prefetch, on_close=closed
+            await rabbit.open_channel(self._connection),
+            prefetch=self._settings.worker_prefetch,
+            on_close=closed,
         )
         self._subscribers.append(subscriber)
         self._by_name[name] = subscriber

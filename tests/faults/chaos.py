@@ -140,6 +140,30 @@ def proxy_cut(which: str, seconds: tuple[float, float] = (1.0, 3.0)) -> Fault:
     return fault
 
 
+def proxy_cut_mid_record(which: str, seconds: tuple[float, float] = (1.0, 3.0)) -> Fault:
+    """Forward part of a TLS record, then reset (RST) the connection, for a while.
+
+    Every live connection, and every new one (its handshake included), is reset after a
+    random budget of 50 to 20,000 more bytes: past a few bytes that is almost always
+    inside a record (the client holds part of one, then "connection reset"). The stage
+    must speak TLS through the proxy for this to be the TLS cut it is named for.
+    """
+
+    async def fault(chaos: Chaos) -> None:
+        proxy = _proxy(chaos, which)
+        budget = chaos.rng.randint(50, 20_000)
+        hold = chaos.rng.uniform(*seconds)
+        proxy.cut_after(budget, rst=True)
+        chaos.note(f"{which}_proxy_tls_cut", f"RST after {budget} bytes for {hold:.1f}s")
+        try:
+            await asyncio.sleep(hold)
+        finally:
+            proxy.cut_after(None)
+
+    fault.__name__ = f"{which}_proxy_tls_cut"
+    return fault
+
+
 def proxy_refuse(which: str, seconds: tuple[float, float] = (1.0, 3.0)) -> Fault:
     """Like a server that went away: reset live connections and refuse new ones for a while."""
 

@@ -22,6 +22,8 @@ import aio_pika
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
+from postroom import rabbit
+from postroom.broker import Broker
 from postroom.tables import qualified
 from tests.apps.faultapp import Entry
 from tests.faults.workload import Chaos, Writers
@@ -142,7 +144,8 @@ async def bad_input(chaos: Chaos) -> None:
             Entry(key=None, seq=0).model_dump() | {"pad": "x" * limit}
         ).encode(),
     }
-    connection = await aio_pika.connect(chaos.amqp_url, timeout=10)
+    broker = Broker.parse(chaos.amqp_url, ca=chaos.extra.get("amqp_tls_ca"))
+    connection = await rabbit.connect(broker, name="postroom-test", timeout=10)
     try:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(chaos.extra.get("exchange", "postroom.events"))

@@ -123,7 +123,7 @@ class _Link:
             outcome = "abort"
         if outcome == "cut":
             self._proxy._cuts += 1
-        self.close(rst=outcome == "abort")
+        self.close(rst=outcome == "abort" or (outcome == "cut" and self._proxy._cut_rst))
 
     def close(self, *, rst: bool) -> None:
         """Close both sides, with RST if ``rst`` else with FIN (flushing). First call wins."""
@@ -217,6 +217,7 @@ class FaultProxy:
         """Set (then replaced) whenever the set of live connections changes."""
         self._latency = 0.0
         self._cut_after: int | None = None
+        self._cut_rst = False
         self._refusing = False
         self._closing = False
         self._accepted = 0
@@ -319,16 +320,19 @@ class FaultProxy:
             raise ValueError("latency must be >= 0")
         self._latency = float(seconds)
 
-    def cut_after(self, nbytes: int | None) -> None:
-        """Close (FIN) each connection once it has forwarded ``nbytes`` more bytes.
+    def cut_after(self, nbytes: int | None, *, rst: bool = False) -> None:
+        """Close (FIN, or RST if *rst*) each connection once it forwarded ``nbytes`` more bytes.
 
         Counts both directions together, from now for live connections and from their start
-        for new ones. The chunk that reaches the budget is truncated to it; ``0`` closes each
+        for new ones. The chunk that reaches the budget is truncated to it, so on a TLS
+        connection the cut usually falls inside a record: the peer holds part of one and
+        then sees the end of the stream (FIN) or a reset (RST). ``0`` closes each
         connection as soon as it has anything to forward. ``None`` disables.
         """
         if nbytes is not None and nbytes < 0:
             raise ValueError("cut_after needs nbytes >= 0 or None")
         self._cut_after = nbytes
+        self._cut_rst = rst
         for link in self._links:
             link.budget = None if nbytes is None else link.forwarded + nbytes
 

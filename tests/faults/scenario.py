@@ -114,6 +114,7 @@ async def run_scenario(
         prefetch=settings.worker_prefetch,
         max_body_bytes=settings.max_body_bytes,
         exchange=settings.exchange,
+        amqp_tls_ca=settings.amqp_tls_ca,
     )
     started = time.monotonic()
     fleet.start(relays, workers)

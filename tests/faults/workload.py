@@ -35,6 +35,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from postroom import Outbox, rabbit
+from postroom.broker import Broker
 from postroom.settings import Settings
 from postroom.tables import qualified
 from tests.apps.faultapp import APPLY, AUDIT, DDL, Entry, router
@@ -60,10 +61,12 @@ async def prepare_schema(dsn: str, schema: str) -> None:
 
 
 async def declare_topology(settings: Settings, amqp_url: str | None = None) -> None:
-    """Declare the app's queues up front (as the workers will), so no early row is unroutable."""
-    connection = await rabbit.connect(
-        amqp_url or settings.amqp_url.get_secret_value(), name="postroom-test"
-    )
+    """Declare the app's queues up front (as the workers will), so no early row is unroutable.
+
+    *amqp_url* (default: the processes' URL) is verified with the processes' CA.
+    """
+    broker = Broker.parse(amqp_url or settings.amqp_url.get_secret_value(), ca=settings.amqp_tls_ca)
+    connection = await rabbit.connect(broker, name="postroom-test")
     try:
         await rabbit.declare_queues(
             connection,
