@@ -402,8 +402,10 @@ class Fleet:
         code = proc.popen.returncode
         if code == -signal.SIGKILL or ((self._stopping or proc.retired) and code == 0):
             return
-        if self._stopping and code == -signal.SIGTERM and not _logged_anything(proc.log):
-            # Restarted just before the stop: still importing (~0.3 s), before postroom
+        asked = self._stopping or proc.retired  # we sent this process SIGTERM
+        if asked and code == -signal.SIGTERM and not _logged_anything(proc.log):
+            # Started just before we asked it to stop: still importing (~0.3 s quiet,
+            # seconds at load 15: the 100k run retired an armed worker so), before postroom
             # installs any handler, so SIGTERM's default action ended it. Nothing to drain.
             return
         self.unexpected.append(f"{proc.name} exited {code}:\n{tail(proc.log)}")
