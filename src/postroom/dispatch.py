@@ -191,6 +191,40 @@ async def _run_batch(
     return results
 
 
+async def _admit(
+    connection: AsyncConnection,
+    items: list[_Decoded | Failure],
+    fresh: set[Any],
+    consumer: Consumer[Any],
+    pipeline: Pipeline,
+    results: list[Result],
+    failures: list[Failure],
+) -> list[_Decoded]:
+    """Sort a claimed batch: return the messages its handler must see, in order.
+
+    Duplicates (processed before, or twice in the batch) are answered; failures (not
+    decodable, unknown topic, too large) are written in the batch's transaction. *results*
+    gets one entry per item, aligned with *items*: ``acked`` for the admitted ones, which
+    stands once their handler returned and the batch committed.
+    """
+    admitted: list[_Decoded] = []
+    for item in items:
+        if isinstance(item, _Decoded):
+            if item.message.message_id not in fresh:
+                results.append(result_of(Outcome.DUPLICATE, item.message))
+                continue
+            fresh.discard(item.message.message_id)
+            admitted.append(item)
+            results.append(result_of(Outcome.ACKED, item.message))
+            continue
+        async with pipeline.sessions(bind=connection) as session:
+            session.sync_session.begin()  # join the batch's transaction
+            await write(session, item, consumer, pipeline.outbox)
+        failures.append(item)
+        results.append(item.result)
+    return admitted
+
+
 async def _run_items(
     connection: AsyncConnection,
     items: list[_Decoded | Failure],
@@ -200,26 +234,14 @@ async def _run_items(
     results: list[Result],
     failures: list[Failure],
 ) -> None:
-    for item in items:
-        if isinstance(item, _Decoded):
-            message = item.message
-            if message.message_id not in fresh:  # processed before, or twice in the batch
-                results.append(result_of(Outcome.DUPLICATE, message))
-                continue
-            fresh.discard(message.message_id)
-            try:
-                await _run_handler(connection, item, consumer, pipeline)
-            except Exception as exc:
-                if is_outage(exc):
-                    raise
-                raise _HandlerFailed from exc
-            results.append(result_of(Outcome.ACKED, message))
-            continue
-        async with pipeline.sessions(bind=connection) as session:
-            session.sync_session.begin()  # join the batch's transaction
-            await write(session, item, consumer, pipeline.outbox)
-        failures.append(item)
-        results.append(item.result)
+    """Per-event handlers: one call per admitted message, all in the batch's transaction."""
+    for item in await _admit(connection, items, fresh, consumer, pipeline, results, failures):
+        try:
+            await _run_handler(connection, item, consumer, pipeline)
+        except Exception as exc:
+            if is_outage(exc):
+                raise
+            raise _HandlerFailed from exc
 
 
 async def _run_batch_handler(
@@ -231,26 +253,8 @@ async def _run_batch_handler(
     results: list[Result],
     failures: list[Failure],
 ) -> None:
-    """A ``batch=True`` consumer: write the failures, then ONE handler call for the rest.
-
-    Duplicates and failures never reach the handler; *results* stay aligned with
-    *items*, the accepted ones ``acked`` once the handler returned (the caller commits).
-    """
-    accepted: list[_Decoded] = []
-    for item in items:
-        if isinstance(item, _Decoded):
-            if item.message.message_id not in fresh:  # processed before, or twice here
-                results.append(result_of(Outcome.DUPLICATE, item.message))
-                continue
-            fresh.discard(item.message.message_id)
-            accepted.append(item)
-            results.append(result_of(Outcome.ACKED, item.message))
-            continue
-        async with pipeline.sessions(bind=connection) as session:
-            session.sync_session.begin()  # join the batch's transaction
-            await write(session, item, consumer, pipeline.outbox)
-        failures.append(item)
-        results.append(item.result)
+    """A ``batch=True`` consumer: ONE handler call for the admitted messages."""
+    accepted = await _admit(connection, items, fresh, consumer, pipeline, results, failures)
     if not accepted:
         return
     assert consumer.batch_handler is not None
