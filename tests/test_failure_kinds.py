@@ -19,7 +19,6 @@ from sqlalchemy import text
 
 import postroom
 from postroom import Router, inbox, outage
-from postroom import dispatch as dispatch_module
 from postroom.errors import ConfigError
 from postroom.message import Delivery, Message
 from postroom.metrics import Metrics
@@ -149,17 +148,17 @@ async def test_a_bug_in_dispatch_is_logged_requeued_and_marks_nothing_down(
     async def on_pong(event: Pong, ctx: Context) -> None:
         pongs.append(event.n)
 
-    real_claim = dispatch_module._claim
+    real_claim = inbox.claim
     real_claim_many = inbox.claim_many
     injected = 0
 
-    async def buggy_claim(session: Any, message: Any, consumer: Any, pipeline: Any) -> bool:
+    async def buggy_claim(connection: Any, **kwargs: Any) -> bool:
         nonlocal injected
-        if consumer.name.endswith(".buggy") and injected < 3:
+        if kwargs["consumer"].endswith(".buggy") and injected < 3:
             injected += 1
             # An OSError from a programming error must not pass for an outage.
             raise OSError(f"injected bug {injected}")
-        return await real_claim(session, message, consumer, pipeline)
+        return await real_claim(connection, **kwargs)
 
     async def buggy_claim_many(connection: Any, **kwargs: Any) -> Any:
         nonlocal injected
@@ -168,7 +167,7 @@ async def test_a_bug_in_dispatch_is_logged_requeued_and_marks_nothing_down(
             raise OSError(f"injected bug {injected}")
         return await real_claim_many(connection, **kwargs)
 
-    monkeypatch.setattr(dispatch_module, "_claim", buggy_claim)
+    monkeypatch.setattr(inbox, "claim", buggy_claim)
     monkeypatch.setattr(inbox, "claim_many", buggy_claim_many)
     metrics = Metrics()
     batching = settings.model_copy(update={"worker_batch_size": batch_size})
