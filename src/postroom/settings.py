@@ -173,7 +173,8 @@ class Settings(BaseSettings):
         description=(
             "Messages handled in one transaction and acked after one commit (if a "
             "handler fails, the batch is rolled back and run a transaction per message); "
-            "1 = a transaction per message. Ordered consumers use 1."
+            "1 = a transaction per message. Ordered consumers use 1. "
+            "A `batch=True` consumer's handler gets the batch in one call."
         ),
     )
     worker_batch_wait: float = Field(
