@@ -100,6 +100,46 @@ class RabbitCluster:
                         return row["leader"], list(row["members"])
         raise AssertionError(f"no running node knows queue {queue}")
 
+    async def whole(self, vhost: str, timeout: float = 120.0) -> None:
+        """Wait until every queue of *vhost* has all its members online again.
+
+        A restarted node is up (``await_startup``) before its quorum queue members have
+        caught up with their leaders; a second node lost in that window leaves a queue
+        without a majority, and the broker nacks every publish to it. The scenarios
+        inject one node loss at a time, as a three-node cluster is built to survive.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        lagging: list[str] = []
+        while loop.time() < deadline:
+            for node in self.nodes:
+                if not node.running:
+                    continue
+                with contextlib.suppress(AssertionError, ValueError):
+                    rows = json.loads(
+                        await node.ctl(
+                            "list_queues",
+                            "-p",
+                            vhost,
+                            "name",
+                            "members",
+                            "online",
+                            "--formatter",
+                            "json",
+                        )
+                    )
+                    lagging = [
+                        row["name"]
+                        for row in rows
+                        if isinstance(row.get("members"), list)
+                        and set(row["members"]) - set(row.get("online") or [])
+                    ]
+                    if not lagging:
+                        return
+                    break
+            await asyncio.sleep(0.5)
+        raise AssertionError(f"queues without every member online after {timeout}s: {lagging}")
+
     async def holder_of(self, vhost: str, prefix: str) -> PrivateRabbit:
         """The node holding a client connection whose name starts with *prefix*.
 
@@ -234,6 +274,7 @@ async def stop_queue_leader(chaos: Chaos) -> None:
         await probe(chaos, "stop_queue_leader")
     finally:
         await node.start()
+    await cluster.whole(_vhost(chaos))
 
 
 async def kill_relay_node(chaos: Chaos) -> None:
@@ -246,6 +287,7 @@ async def kill_relay_node(chaos: Chaos) -> None:
         await probe(chaos, "kill_relay_node")
     finally:
         await node.start()
+    await cluster.whole(_vhost(chaos))
 
 
 async def partition_node(chaos: Chaos) -> None:
@@ -263,6 +305,7 @@ async def partition_node(chaos: Chaos) -> None:
     # pause_minority restarts the node's broker once it sees a majority again.
     await node.ctl("await_startup", "--timeout", "120", timeout=130)
     await amqp_ready(node.url, timeout=60)
+    await cluster.whole(_vhost(chaos))
 
 
 CLUSTER_FAULTS = [stop_queue_leader, kill_relay_node, partition_node]
