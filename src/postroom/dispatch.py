@@ -178,8 +178,9 @@ async def _run_batch(
                 message_ids=[i.message.message_id for i in items if isinstance(i, _Decoded)],
             )
             claimed = True
+            admitted = await _admit(connection, items, fresh, consumer, pipeline, results, failures)
             run = _run_batch_handler if consumer.batch_handler is not None else _run_items
-            await run(connection, items, fresh, consumer, pipeline, results, failures)
+            await run(connection, admitted, consumer, pipeline)
     except _HandlerFailed:
         raise
     except Exception as exc:
@@ -227,15 +228,12 @@ async def _admit(
 
 async def _run_items(
     connection: AsyncConnection,
-    items: list[_Decoded | Failure],
-    fresh: set[Any],
+    admitted: list[_Decoded],
     consumer: Consumer[Any],
     pipeline: Pipeline,
-    results: list[Result],
-    failures: list[Failure],
 ) -> None:
     """Per-event handlers: one call per admitted message, all in the batch's transaction."""
-    for item in await _admit(connection, items, fresh, consumer, pipeline, results, failures):
+    for item in admitted:
         try:
             await _run_handler(connection, item, consumer, pipeline)
         except Exception as exc:
@@ -246,15 +244,11 @@ async def _run_items(
 
 async def _run_batch_handler(
     connection: AsyncConnection,
-    items: list[_Decoded | Failure],
-    fresh: set[Any],
+    accepted: list[_Decoded],
     consumer: Consumer[Any],
     pipeline: Pipeline,
-    results: list[Result],
-    failures: list[Failure],
 ) -> None:
     """A ``batch=True`` consumer: ONE handler call for the admitted messages."""
-    accepted = await _admit(connection, items, fresh, consumer, pipeline, results, failures)
     if not accepted:
         return
     assert consumer.batch_handler is not None
